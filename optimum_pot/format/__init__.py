@@ -1,0 +1,1 @@
+"""Pure PoT format math: the level set, scale initialisation and bit packing."""

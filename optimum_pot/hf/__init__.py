@@ -1,0 +1,1 @@
+"""transformers integration: the ``"pot"`` quantizer and its weight-conversion ops."""

@@ -1,0 +1,102 @@
+"""The ``optimum_pot::pot_linear`` op, declared once.
+
+Implementations live in a registry keyed by ``(device_type, backend)``; the reference is always available and
+kernels (``kernels/cpu``, ``kernels/triton``) register themselves beside it. ``backend="auto"`` takes the first
+available kernel of :data:`AUTO_PREFERENCE` for the tensor's device and falls back to the reference.
+Registering is import-time cheap: kernels are compiled on first use, never at import.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from ..format.levels import expand_groups
+from .reference import pot_linear_reference, unit_weight
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+AUTO_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton",)}
+
+# (device_type, backend) -> (kernel, is_available)
+_KERNELS: dict[tuple[str, str], tuple[Callable, Callable[[], bool]]] = {}
+
+
+def register_kernel(device_type: str, backend: str, fn: Callable, is_available: Callable[[], bool] = lambda: True):
+    """Registers ``fn`` (same signature as :func:`pot_linear_reference`) as ``backend`` on ``device_type``."""
+    _KERNELS[(device_type, backend)] = (fn, is_available)
+
+
+def available_backends(device_type: str) -> list[str]:
+    """Backends usable for tensors on ``device_type`` (``reference`` always is)."""
+    found = [b for (d, b), (_, ok) in _KERNELS.items() if d == device_type and ok()]
+    return ["reference", *found]
+
+
+def _resolve(device_type: str, backend: str) -> Callable:
+    if backend == "reference":
+        return pot_linear_reference
+    if backend == "auto":
+        for name in AUTO_PREFERENCE.get(device_type, ()):
+            entry = _KERNELS.get((device_type, name))
+            if entry is not None and entry[1]():
+                return entry[0]
+        return pot_linear_reference
+    entry = _KERNELS.get((device_type, backend))
+    if entry is None or not entry[1]():
+        raise RuntimeError(
+            f"PoT backend {backend!r} is not available for {device_type} tensors; available there: "
+            f"{available_backends(device_type)}. Use backend='auto' (or 'reference'), or move the model to a "
+            "device the backend supports."
+        )
+    return entry[0]
+
+
+@torch.library.custom_op("optimum_pot::pot_linear", mutates_args=())
+def pot_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    zero_level: bool,
+    backend: str,
+) -> torch.Tensor:
+    """``y = x @ W.T + bias`` for a packed PoT weight ``W`` (``[N, K]``); ``x`` ``[..., K]`` → ``[..., N]``."""
+    fn = _resolve(x.device.type, backend)
+    return fn(x, packed, scale, bias, bits, group_size, in_features, zero_level)
+
+
+@pot_linear.register_fake
+def _(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, scale, bias, bits, group_size, in_features, zero_level, _ = inputs
+    ctx.save_for_backward(x, packed, scale)
+    ctx.meta = (bits, group_size, in_features, zero_level, bias is not None)
+
+
+def _backward(ctx, grad):
+    """Gradients for ``x`` (LoRA and QAT train through a frozen packed layer), ``scale`` and ``bias``."""
+    x, packed, scale = ctx.saved_tensors
+    bits, group_size, in_features, zero_level, has_bias = ctx.meta
+    unit = unit_weight(packed, bits, in_features, zero_level)  # [N, K]
+    grad_x = grad_scale = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = (expand_groups(scale.float(), group_size, in_features) * unit).to(grad.dtype)
+        grad_x = grad @ w
+    if ctx.needs_input_grad[2]:
+        g2 = grad.reshape(-1, grad.shape[-1]).float()  # [M, N]
+        gw = g2.t() @ x.reshape(-1, x.shape[-1]).float()  # [N, K]
+        per_col = gw * unit
+        pad = -in_features % group_size
+        per_col = torch.nn.functional.pad(per_col, (0, pad))
+        grad_scale = per_col.reshape(per_col.shape[0], -1, group_size).sum(-1).to(scale.dtype)  # [N, G]
+    if has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, grad_scale, grad_bias, None, None, None, None, None
+
+
+pot_linear.register_autograd(_backward, setup_context=_setup_context)
