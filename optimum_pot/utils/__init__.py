@@ -1,0 +1,1 @@
+"""Helpers shared by the CLI, examples and benchmarks: text loading, perplexity, local models."""

