@@ -43,6 +43,9 @@ class PoTConfig(QuantizationConfigMixin):
         epochs (`int`, *optional*, defaults to 2): passes over the calibration set per block.
         learning_rate (`float`, *optional*, defaults to 1e-3): Adam learning rate of the scale residual.
         reg_lambda (`float`, *optional*, defaults to 1e-4): weight of ``λ‖Γ‖²``.
+        calibration_batch_size (`int`, *optional*, defaults to 1): calibration samples per optimiser step.
+        act_weighted_init (`bool`, *optional*, defaults to `True`): before learning ``Γ``, re-run the step-1 scale
+            search with each column's error weighted by its mean squared activation (see docs/calibration.md).
         format_version (`int`, *optional*): on-disk format version; set when saving, checked when loading.
     """
 
@@ -62,6 +65,8 @@ class PoTConfig(QuantizationConfigMixin):
         epochs: int = 2,
         learning_rate: float = 1e-3,
         reg_lambda: float = 1e-4,
+        calibration_batch_size: int = 1,
+        act_weighted_init: bool = True,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -80,6 +85,8 @@ class PoTConfig(QuantizationConfigMixin):
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.reg_lambda = reg_lambda
+        self.calibration_batch_size = calibration_batch_size
+        self.act_weighted_init = act_weighted_init
         self.format_version = format_version
         for key, value in kwargs.items():  # forward-compatible extra fields (e.g. perplexity notes)
             setattr(self, key, value)
@@ -104,12 +111,14 @@ class PoTConfig(QuantizationConfigMixin):
                 f"versions {list(SUPPORTED_FORMAT_VERSIONS)}. Upgrade optimum_pot (pip install -U optimum-pot)."
             )
         _check_positive_int("grid_points", self.grid_points)
-        for name in ("num_samples", "seq_len", "epochs"):
+        for name in ("num_samples", "seq_len", "epochs", "calibration_batch_size"):
             _check_positive_int(name, getattr(self, name))
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
         if not self.reg_lambda >= 0:
             raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda!r}.")
+        if not isinstance(self.act_weighted_init, bool):
+            raise ValueError(f"act_weighted_init must be True or False, got {self.act_weighted_init!r}.")
 
     def bits_for(self, module_name: str) -> int:
         """Bit width of ``module_name``: its ``module_bits`` override, else ``bits``."""

@@ -91,9 +91,7 @@ def decode(codes: torch.Tensor, scale_full: torch.Tensor, bits: int, zero_level:
     return scale_full.float() * unit_values(codes, bits, zero_level)
 
 
-def fake_quantize(
-    w: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int, zero_level: bool
-) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int, zero_level: bool) -> torch.Tensor:
     """Differentiable PoT quantisation of ``w`` ``[N, K]`` with per-group ``scale`` ``[N, G]``.
 
     Exponents come from detached values; the gradient reaches ``scale`` through ``s · unit`` and reaches ``w``

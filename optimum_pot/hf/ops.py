@@ -27,6 +27,7 @@ class PoTQuantize(ConversionOps):
                 "match its config.json."
             )
         cfg = self.hf_quantizer.quantization_config
+        # A ValueError here (NaN/Inf weights) lands in transformers' loading report, which then raises.
         packed, scale = quantize_weight(
             w, module.bits, module.group_size, module.zero_level, cfg.grid_points, name=prefix
         )

@@ -8,6 +8,7 @@ from ..format.levels import num_groups
 from ..format.packing import packed_row_bytes
 from ..nn.pot_linear import SCALE_DTYPE, PoTLinear
 from ..nn.quantize import dequantize_model, replace_with_pot_linear
+from .model_card import attach_card_hooks
 
 
 class PoTHfQuantizer(HfQuantizer):
@@ -63,6 +64,7 @@ class PoTHfQuantizer(HfQuantizer):
             from ..calibration import calibrate
 
             calibrate(model, cfg, cfg.dataset)
+        attach_card_hooks(model)  # save_pretrained / push_to_hub write the PoT model card
         return model
 
     def is_serializable(self, safe_serialization=None):

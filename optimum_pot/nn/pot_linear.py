@@ -3,10 +3,9 @@
 import torch
 from torch import nn
 
-from ..format.levels import expand_groups, num_groups
+from ..format.levels import encode, expand_groups, num_groups
 from ..format.packing import pack, packed_row_bytes
 from ..format.scale_search import FP16_MAX, search_scales
-from ..format.levels import encode
 from ..library.ops import pot_linear
 from ..library.reference import dequantize_weight
 
@@ -85,8 +84,16 @@ class PoTLinear(nn.Module):
         w = module.weight.detach()
         w = w.t() if from_conv1d else w  # Conv1D stores [in, out]
         new = cls(
-            w.shape[1], w.shape[0], module.bias is not None, bits, group_size, zero_level, backend,
-            from_conv1d, bias_dtype=None if module.bias is None else module.bias.dtype, device=w.device,
+            w.shape[1],
+            w.shape[0],
+            module.bias is not None,
+            bits,
+            group_size,
+            zero_level,
+            backend,
+            from_conv1d,
+            bias_dtype=None if module.bias is None else module.bias.dtype,
+            device=w.device,
         )
         packed, scales = quantize_weight(w, bits, group_size, zero_level, grid_points, name, scale)
         new.weight.data, new.weight_scale.data = packed, scales
@@ -102,8 +109,15 @@ class PoTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pot_linear(
-            x, self.weight, self.weight_scale, self.bias, self.bits, self.group_size, self.in_features,
-            self.zero_level, self.backend,
+            x,
+            self.weight,
+            self.weight_scale,
+            self.bias,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.zero_level,
+            self.backend,
         )
 
     def extra_repr(self) -> str:

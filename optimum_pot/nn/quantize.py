@@ -29,9 +29,17 @@ def replace_with_pot_linear(model: nn.Module, config, modules_to_not_convert=Non
         w = m.weight
         k, n = (w.shape[0], w.shape[1]) if conv else (m.in_features, m.out_features)
         new = PoTLinear(
-            k, n, m.bias is not None, config.bits_for(name), config.group_size, config.zero_level, config.backend,
-            from_conv1d=conv, float_weight_dtype=None if pre_quantized else w.dtype,
-            bias_dtype=None if m.bias is None else m.bias.dtype, device=w.device,
+            k,
+            n,
+            m.bias is not None,
+            config.bits_for(name),
+            config.group_size,
+            config.zero_level,
+            config.backend,
+            from_conv1d=conv,
+            float_weight_dtype=None if pre_quantized else w.dtype,
+            bias_dtype=None if m.bias is None else m.bias.dtype,
+            device=w.device,
         )
         model.set_submodule(name, new)
         count += 1
@@ -62,13 +70,15 @@ def quantize(model: nn.Module, config, dataset=None) -> nn.Module:
     skips = config.modules_to_not_convert
     if skips is None:
         skips = _default_skips(model)
+    data = dataset if dataset is not None else config.dataset
     for name, m in _targets(model, skips):
         new = PoTLinear.from_float(
             m, config.bits_for(name), config.group_size, config.zero_level, config.backend, config.grid_points, name
         )
+        if data is not None:  # calibration's float target; it drops each one once its block is done
+            new._float_weight = m.weight.detach()
         model.set_submodule(name, new)
     _attach_hf_quantizer(model, config)
-    data = dataset if dataset is not None else config.dataset
     if data is not None:
         with torch.enable_grad():
             from ..calibration import calibrate
@@ -90,6 +100,10 @@ def _attach_hf_quantizer(model: nn.Module, config) -> None:
     model.is_quantized = True
     model.quantization_method = "pot"
     model.config._is_quantized = True
+
+    from ..hf.model_card import attach_card_hooks
+
+    attach_card_hooks(model)
 
 
 @torch.no_grad()
