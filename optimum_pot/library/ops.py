@@ -18,11 +18,18 @@ AUTO_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton",)}
 
 # (device_type, backend) -> (kernel, is_available)
 _KERNELS: dict[tuple[str, str], tuple[Callable, Callable[[], bool]]] = {}
+# backend -> fn(device_type) explaining why it cannot run there (the fix to name in the error)
+_REASONS: dict[str, Callable[[str], str | None]] = {}
 
 
 def register_kernel(device_type: str, backend: str, fn: Callable, is_available: Callable[[], bool] = lambda: True):
     """Registers ``fn`` (same signature as :func:`pot_linear_reference`) as ``backend`` on ``device_type``."""
     _KERNELS[(device_type, backend)] = (fn, is_available)
+
+
+def register_unavailable_reason(backend: str, fn: Callable[[str], str | None]):
+    """Registers ``fn(device_type)``: why ``backend`` cannot run on that device, naming the fix (or ``None``)."""
+    _REASONS[backend] = fn
 
 
 def available_backends(device_type: str) -> list[str]:
@@ -42,10 +49,11 @@ def _resolve(device_type: str, backend: str) -> Callable:
         return pot_linear_reference
     entry = _KERNELS.get((device_type, backend))
     if entry is None or not entry[1]():
+        reason = _REASONS[backend](device_type) if backend in _REASONS else None
         raise RuntimeError(
             f"PoT backend {backend!r} is not available for {device_type} tensors; available there: "
-            f"{available_backends(device_type)}. Use backend='auto' (or 'reference'), or move the model to a "
-            "device the backend supports."
+            f"{available_backends(device_type)}. {reason or ''} Use backend='auto' (or 'reference'), or move the "
+            "model to a device the backend supports."
         )
     return entry[0]
 

@@ -1,0 +1,43 @@
+"""Lets ``torch.compile`` see the Triton kernels behind ``optimum_pot::pot_linear``.
+
+``pot_linear`` is a ``custom_op``, which ``torch.compile`` treats as opaque: compiled models would call it as a black
+box, and Inductor could not schedule or fuse the Triton kernels it dispatches to. This module registers a rule for
+AOTAutograd's functionalization pass (``FunctionalTensorMode``): when the op would run on the Triton backend, the
+rule replaces it by ``optimum_pot::pot_linear_triton``, a ``triton_op`` that decomposes further into the kernel
+launches. Autograd is untouched (the rule runs below it, so ``pot_linear``'s backward formula still applies), and
+every other case (other backends, ``torch.export``, the CPU interpreter) keeps the op whole.
+"""
+
+import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+from ...library.ops import _resolve, pot_linear
+
+
+def _runs_on_triton(x: torch.Tensor, backend: str, kernel) -> bool:
+    if x.device.type != "cuda":
+        return False
+    try:
+        if _resolve("cuda", backend) is not kernel:
+            return False
+    except RuntimeError:
+        return False  # unavailable backend: keep the op, which raises the registry's clear error when it runs
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    from . import launch
+
+    # torch.export keeps triton ops whole by design; the interpreter cannot trace launches.
+    return not custom_triton_ops_decomposition_disabled() and not launch.INTERPRETED
+
+
+def register_decomposition(kernel) -> None:
+    """Installs the rule; ``kernel`` is the registered Triton entry (what the registry resolves to on CUDA)."""
+
+    def decompose(mode, func, types, args, kwargs):
+        x, backend = args[0], args[8]
+        if _runs_on_triton(x, backend, kernel):
+            with mode:
+                return torch.ops.optimum_pot.pot_linear_triton(*args[:8])
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    pot_linear.register_torch_dispatch(FunctionalTensorMode, decompose)
