@@ -31,9 +31,11 @@ bench: install-bench
 	$(PY) bench/cpu_kernels.py
 	$(PY) bench/qat.py
 	$(PY) bench/gpu_kernels.py
+	$(PY) bench/load_memory.py
 
 bench-smoke:
 	$(PY) bench/accuracy.py --smoke
 	$(PY) bench/cpu_kernels.py --smoke
 	$(PY) bench/qat.py --smoke
 	$(PY) bench/gpu_kernels.py --smoke
+	$(PY) bench/load_memory.py --smoke

@@ -3,12 +3,39 @@
 ``import optimum_pot`` registers the ``"pot"`` quantisation method with transformers (once).
 """
 
+from . import kernels  # noqa: F401, I001  (registers the kernels with the op; nothing compiles at import)
 from .config import FORMAT_VERSION, PoTConfig
+from .hf.model_card import record_eval
 from .hf.registration import register
 from .nn import PoTLinear, dequantize_model, quantize
+from .optimum_quantizer import PoTQuantizer
+from .peft import register_lazily as _register_peft_lazily
+from .qat import convert_qat, prepare_qat
 
 __version__ = "0.1.0"
 
 register()
+_register_peft_lazily()  # LoRA on PoTLinear, once peft is imported (never imports peft itself)
 
-__all__ = ["FORMAT_VERSION", "PoTConfig", "PoTLinear", "dequantize_model", "quantize", "__version__"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PoTConfig",
+    "PoTLinear",
+    "PoTQATCallback",
+    "PoTQuantizer",
+    "convert_qat",
+    "dequantize_model",
+    "prepare_qat",
+    "quantize",
+    "record_eval",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    # PoTQATCallback imports transformers' trainer stack (and peft): only when asked for.
+    if name == "PoTQATCallback":
+        from .qat import PoTQATCallback
+
+        return PoTQATCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

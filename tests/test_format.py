@@ -8,6 +8,7 @@ from optimum_pot.format.levels import (
     encode,
     expand_groups,
     fake_quantize,
+    group_absmax,
     max_nonzero_exponent,
     num_exponent_codes,
     unit_values,
@@ -92,3 +93,17 @@ def test_fake_quantize_matches_decode_and_passes_gradients(bits):
     q.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
     assert scale.grad is not None and scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("zero_level", ZERO)
+def test_search_picks_the_best_candidate_by_weight_error(bits, zero_level):
+    """The fast search (log computed once) agrees with the reference error on which candidate wins."""
+    torch.manual_seed(4)
+    w = torch.randn(24, 90) * torch.rand(24, 1)
+    searched = search_scales(w, 32, bits, zero_level, grid_points=8)
+    absmax = group_absmax(w, 32)
+    cands = [(absmax * a).half().float() for a in torch.linspace(0.5, 1.0, 8).tolist()]
+    errs = torch.stack([weight_error(w, c, 32, bits, zero_level) for c in cands])  # [C, N, G]
+    best = errs.min(dim=0).values
+    torch.testing.assert_close(weight_error(w, searched, 32, bits, zero_level), best, rtol=1e-5, atol=1e-9)

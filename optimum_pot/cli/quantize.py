@@ -1,0 +1,106 @@
+"""``optimum-pot quantize MODEL OUTPUT``: quantise a float checkpoint while loading it, then save it packed."""
+
+import argparse
+import os
+import time
+
+from ..library.ops import BACKENDS
+from .common import (
+    DTYPES,
+    CLIError,
+    check_text_file,
+    format_bytes,
+    load_tokenizer,
+    resolve_model_arg,
+    text_name,
+    weights_size,
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="quantise a float checkpoint to PoT and save it",
+        description="Quantise MODEL (a checkpoint folder, a Hub id or 'smollm2') while loading it and save the packed "
+        "PoT checkpoint (and tokenizer) to OUTPUT.",
+    )
+    p.add_argument("model", metavar="MODEL", help="float checkpoint: folder, Hub id, or 'smollm2' (offline SmolLM2)")
+    p.add_argument("output", metavar="OUTPUT", help="folder to write the PoT checkpoint to")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4], help="bits per weight (default: 4)")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale (default: 128)")
+    p.add_argument(
+        "--zero-level",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the all-ones exponent code means 0 (default: on)",
+    )
+    p.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="modules kept in float")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="forward kernel, saved in config.json")
+    p.add_argument("--grid-points", type=int, default=32, help="scale-search candidates per group (default: 32)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype of the float parts (default: auto)")
+    calib = p.add_argument_group("calibration (PoTPTQ step 2; optional)")
+    calib.add_argument("--dataset", metavar="FILE_OR_NAME", help="calibration text file or datasets name")
+    calib.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: 128)")
+    calib.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    calib.add_argument("--epochs", type=int, default=2, help="passes over the calibration set (default: 2)")
+    ev = p.add_argument_group("evaluation (optional; the perplexity goes into config.json and the model card)")
+    ev.add_argument("--eval-text", metavar="FILE", help="text file to measure the quantised perplexity on")
+    ev.add_argument("--eval-windows", type=int, default=None, metavar="N", help="evaluate only the first N windows")
+    ev.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default: 512)")
+    p.set_defaults(func=run)
+
+
+def build_config(args, tokenizer):
+    """The `PoTConfig` of the command line (raises `ValueError` for invalid values)."""
+    from ..config import PoTConfig
+
+    return PoTConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        zero_level=args.zero_level,
+        modules_to_not_convert=args.modules_to_not_convert,
+        backend=args.backend,
+        grid_points=args.grid_points,
+        dataset=args.dataset,
+        tokenizer=tokenizer if args.dataset else None,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        epochs=args.epochs,
+    )
+
+
+def run(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from ..hf.model_card import record_eval
+    from ..utils.perplexity import perplexity, token_windows
+
+    if os.path.isfile(args.output):
+        raise CLIError(f"OUTPUT {args.output} is a file; pass a folder to write the checkpoint to.")
+    if args.eval_text:
+        check_text_file(args.eval_text, "--eval-text")
+    if args.dataset and os.path.sep in args.dataset:
+        check_text_file(args.dataset, "--dataset")
+    path = resolve_model_arg(args.model)
+    needs = "--dataset" if args.dataset else "--eval-text" if args.eval_text else None
+    tokenizer = load_tokenizer(path, required_for=needs)
+    config = build_config(args, tokenizer)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=DTYPES[args.dtype])
+    print(
+        f"quantised {args.model} to PoT {args.bits}-bit, group size {args.group_size} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    if args.eval_text:
+        ppl = perplexity(model, tokenizer, args.eval_text, args.eval_seq_len, max_windows=args.eval_windows)
+        windows = len(token_windows(tokenizer, args.eval_text, args.eval_seq_len, args.eval_windows))
+        record_eval(model, ppl, text_name(args.eval_text), args.eval_seq_len, windows)
+        print(f"perplexity on {text_name(args.eval_text)}: {ppl:.3f}")
+    model.save_pretrained(args.output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output)
+    print(
+        f"saved to {args.output}: weights {format_bytes(weights_size(args.output))} "
+        f"(float checkpoint: {format_bytes(weights_size(path))})"
+    )
+    return 0

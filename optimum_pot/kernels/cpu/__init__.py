@@ -1,0 +1,12 @@
+"""CPU kernel for ``optimum_pot::pot_linear`` (``backend="cpu"``, the default on CPU under ``"auto"``).
+
+Registering is cheap: the C++ source is compiled on the first call, never at import (see ``build.py``).
+"""
+
+from ...library.ops import register_kernel
+from .build import KernelBuildError, load_library
+from .linear import is_available, pot_linear_cpu
+
+register_kernel("cpu", "cpu", pot_linear_cpu, is_available)
+
+__all__ = ["KernelBuildError", "is_available", "load_library", "pot_linear_cpu"]

@@ -1,0 +1,14 @@
+"""LoRA on packed PoT models with peft (QLoRA-style). peft itself is imported only when first used."""
+
+from .registration import register, register_lazily
+
+__all__ = ["PoTLoraLinear", "merge_errors", "register", "register_lazily"]
+
+
+def __getattr__(name):
+    # Lazy: importing these imports peft.
+    if name in ("PoTLoraLinear", "merge_errors", "dispatch_pot"):
+        from . import lora
+
+        return getattr(lora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

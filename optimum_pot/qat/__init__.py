@@ -1,0 +1,14 @@
+"""Quantisation-aware training: fake-quantised float layers, the ``Trainer`` callback, conversion to packed."""
+
+from .fake_quant import PoTFakeQuantLinear, convert_qat, is_qat_prepared, prepare_qat
+
+__all__ = ["PoTFakeQuantLinear", "PoTQATCallback", "convert_qat", "is_qat_prepared", "prepare_qat"]
+
+
+def __getattr__(name):
+    # Lazy: transformers' trainer modules import peft and more (seconds); only the callback needs them.
+    if name == "PoTQATCallback":
+        from .callback import PoTQATCallback
+
+        return PoTQATCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

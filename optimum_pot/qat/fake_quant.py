@@ -1,0 +1,160 @@
+"""Quantisation-aware training: a float layer whose forward pass sees its PoT-quantised weight.
+
+``prepare_qat`` swaps every target ``nn.Linear`` / ``Conv1D`` for a :class:`PoTFakeQuantLinear` that keeps the
+*same* float ``weight`` and ``bias`` parameters (so optimizer state and state-dict keys of the float model stay valid)
+and adds one learnable float32 ``weight_scale`` ``[N, G]``, initialised by PoTPTQ step 1 (``search_scales``). The
+forward pass quantises with :func:`~optimum_pot.format.levels.fake_quantize`: a straight-through estimator for the
+weight, a true gradient for the scale. ``convert_qat`` turns the trained layers into packed ``PoTLinear``.
+"""
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..format.levels import fake_quantize
+from ..format.scale_search import search_scales
+from ..nn.pot_linear import PoTLinear, quantize_weight
+from ..nn.quantize import _attach_hf_quantizer, _default_skips, _targets
+
+# Smallest scale the forward pass uses: a scale pushed to zero or below by the optimizer would flip every sign.
+_MIN_SCALE = 2.0**-24
+
+
+def _fp16_ste(scale: torch.Tensor) -> torch.Tensor:
+    """Rounds to float16 in the forward pass (the stored precision), identity in the backward pass.
+
+    Training against exactly the scale that will be saved makes the converted packed model compute what the last
+    QAT forward pass computed.
+    """
+    s = scale.clamp(_MIN_SCALE, 65504.0)
+    return s + (s.detach().to(torch.float16).float() - s.detach())
+
+
+class PoTFakeQuantLinear(nn.Module):
+    """A float linear layer trained through PoT fake quantisation.
+
+    Parameters:
+        weight: the original float weight, same tensor and layout (``[out, in]``, or ``[in, out]`` for ``Conv1D``).
+        bias: the original bias, if any.
+        weight_scale: ``float32 [out_features, ceil(in_features/group_size)]`` learnable per-group scales.
+
+    Args:
+        module (`nn.Linear` or `Conv1D`): the float layer; its parameters are shared, not copied.
+        bits (`int`): 2, 3 or 4.
+        group_size (`int`): input columns per scale.
+        zero_level (`bool`): whether the last exponent code means zero.
+        grid_points (`int`): candidates of the step-1 scale search that initialises ``weight_scale``.
+        backend (`str`): kernel of the packed layer ``convert_qat`` will build.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        bits: int,
+        group_size: int,
+        zero_level: bool = True,
+        grid_points: int = 32,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.from_conv1d = isinstance(module, Conv1D)
+        self.weight = module.weight
+        self.bias = module.bias
+        self.bits, self.group_size, self.zero_level, self.backend = bits, group_size, zero_level, backend
+        w = self.float_weight().detach()
+        self.out_features, self.in_features = w.shape
+        self.weight_scale = nn.Parameter(search_scales(w, group_size, bits, zero_level, grid_points))
+
+    def float_weight(self) -> torch.Tensor:
+        """The float weight as ``[out_features, in_features]`` (a view for ``Conv1D``)."""
+        return self.weight.t() if self.from_conv1d else self.weight
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantised weight ``[out_features, in_features]`` (differentiable wrt weight and scale)."""
+        s = _fp16_ste(self.weight_scale)
+        return fake_quantize(self.float_weight(), s, self.group_size, self.bits, self.zero_level)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight().to(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def to_pot_linear(self, name: str = "") -> PoTLinear:
+        """The packed layer with the learned scales (codes re-chosen against the float16 scales)."""
+        w = self.float_weight().detach()
+        scale = self.weight_scale.detach().float().clamp(_MIN_SCALE)
+        bias_dtype = None if self.bias is None else self.bias.dtype
+        new = PoTLinear(
+            self.in_features, self.out_features, self.bias is not None, self.bits, self.group_size,
+            self.zero_level, self.backend, self.from_conv1d, bias_dtype=bias_dtype, device=w.device,
+        )  # fmt: skip
+        new.weight.data, new.weight_scale.data = quantize_weight(
+            w, self.bits, self.group_size, self.zero_level, name=name, scale=scale
+        )
+        if self.bias is not None:
+            new.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}, zero_level={self.zero_level}"
+        )
+
+
+def is_qat_prepared(model: nn.Module) -> bool:
+    """Whether ``model`` holds fake-quantised layers (``prepare_qat`` ran and ``convert_qat`` did not)."""
+    return any(isinstance(m, PoTFakeQuantLinear) for m in model.modules())
+
+
+@torch.no_grad()
+def prepare_qat(model: nn.Module, config) -> nn.Module:
+    """Puts a PoT fake-quantiser on every target layer of a float ``model``, in place (idempotent).
+
+    Call it before the optimizer is built (``PoTQATCallback`` does so when the ``Trainer`` is created), so the new
+    ``weight_scale`` parameters are optimised and wrapped by DDP.
+
+    Args:
+        model (`torch.nn.Module`): a float model (``nn.Linear`` / transformers ``Conv1D`` layers).
+        config (`PoTConfig`): bits (``module_bits`` too), group size, zero level, ``modules_to_not_convert``.
+
+    Returns:
+        The same ``model``.
+    """
+    if any(isinstance(m, PoTLinear) for m in model.modules()):
+        raise ValueError(
+            "prepare_qat needs a float model, but this one already holds packed PoTLinear layers. Load the float "
+            "checkpoint (without quantization_config) for QAT, or fine-tune the packed model with LoRA (see "
+            "docs/training.md)."
+        )
+    skips = config.modules_to_not_convert
+    if skips is None:
+        skips = _default_skips(model)
+    for name, m in _targets(model, skips):
+        fq = PoTFakeQuantLinear(m, config.bits_for(name), config.group_size, config.zero_level, config.grid_points,
+                                config.backend)  # fmt: skip
+        model.set_submodule(name, fq)
+    model._pot_qat_config = config
+    return model
+
+
+@torch.no_grad()
+def convert_qat(model: nn.Module, config=None) -> nn.Module:
+    """Replaces every ``PoTFakeQuantLinear`` by a packed ``PoTLinear`` (in place) using the learned scales.
+
+    Transformers models get the ``"pot"`` quantizer attached, so ``save_pretrained`` / ``push_to_hub`` write a
+    packed checkpoint that ``from_pretrained`` reloads bit-exact.
+
+    Args:
+        model (`torch.nn.Module`): a model prepared by ``prepare_qat``.
+        config (`PoTConfig`, *optional*): defaults to the one ``prepare_qat`` used.
+    """
+    config = config if config is not None else getattr(model, "_pot_qat_config", None)
+    if config is None or not is_qat_prepared(model):
+        raise ValueError("convert_qat needs a model prepared by prepare_qat(model, config); this one is not.")
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, PoTFakeQuantLinear)]:
+        model.set_submodule(name, m.to_pot_linear(name))
+    _attach_hf_quantizer(model, config)
+    if hasattr(model, "_pot_qat_config"):
+        del model._pot_qat_config
+    return model

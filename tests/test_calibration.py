@@ -1,0 +1,217 @@
+"""PoTPTQ step 2 (``optimum_pot.calibration``) on the tiny Llama and GPT-2: error reduction, API paths, errors."""
+
+import os
+
+import pytest
+import torch
+from conftest import WIKITEXT_VALID, make_tiny_gpt2, make_tiny_llama
+
+from optimum_pot import PoTConfig, PoTLinear, PoTQuantizer, quantize
+from optimum_pot.calibration import calibrate, calibration_samples, find_blocks
+
+MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
+SEQ = 64
+
+
+def byte_tokenizer():
+    """An offline byte-level tokenizer with 256 ids, matching the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation, which stalls badly on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def texts():
+    with open(WIKITEXT_VALID, encoding="utf-8") as f:
+        text = f.read(60_000)
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+def cal_config(tok, bits=3, **kw):
+    base = dict(bits=bits, group_size=32, tokenizer=tok, num_samples=8, seq_len=SEQ, epochs=2, learning_rate=5e-3)
+    return PoTConfig(**{**base, **kw})
+
+
+def last_hidden_error(model, ref, ids) -> float:
+    """Mean squared error of the final hidden states against the float model's."""
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True).hidden_states[-1]
+        want = ref(ids, output_hidden_states=True).hidden_states[-1]
+    return (out - want).pow(2).mean().item()
+
+
+def held_out_ids(tok):
+    with open(WIKITEXT_VALID, encoding="utf-8") as f:
+        f.seek(200_000)
+        text = f.read(4000)
+    return tok(text, return_tensors="pt").input_ids[:, : 2 * SEQ].reshape(2, SEQ)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_calibration_reduces_block_output_error(arch, bits, tok, texts):
+    make = MAKERS[arch]
+    ref, ids = make(), held_out_ids(tok)
+    rtn = quantize(make(), PoTConfig(bits=bits, group_size=32))
+    cal = quantize(make(), cal_config(tok, bits), texts)
+    assert last_hidden_error(cal, ref, ids) < last_hidden_error(rtn, ref, ids)
+
+
+def test_report_per_block_error_falls(tok, texts):
+    model = make_tiny_llama()
+    cfg = cal_config(tok)
+    quantize(model, cfg)  # calibration-free first: calibrate() then reads the float targets kept below
+    for name, m in make_tiny_llama().named_modules():
+        if name.startswith("model.layers") and isinstance(m, torch.nn.Linear):
+            model.get_submodule(name)._float_weight = m.weight.detach()
+    report = calibrate(model, cfg, texts, progress=False)
+    assert len(report) == 2 and all(r["after"] < r["before"] for r in report)
+    assert not any(hasattr(m, "_float_weight") for m in model.modules())  # float targets are dropped
+
+
+def test_find_blocks(tok):
+    assert find_blocks(quantize(make_tiny_llama(), PoTConfig(group_size=32)))[0] == "model.layers"
+    assert find_blocks(quantize(make_tiny_gpt2(), PoTConfig(group_size=32)))[0] == "transformer.h"
+    with pytest.raises(ValueError, match="quantise the model first"):
+        find_blocks(make_tiny_llama())
+
+
+def test_samples_from_file_list_and_dataset(tok, texts, tmp_path):
+    import datasets
+
+    from_list = calibration_samples(texts, tok, 4, SEQ)
+    from_ds = calibration_samples(datasets.Dataset.from_dict({"text": texts}), tok, 4, SEQ)
+    assert from_list.shape == (4, SEQ) and torch.equal(from_list, from_ds)
+    file = tmp_path / "calibration.txt"
+    file.write_text("\n\n".join(texts[:40]), encoding="utf-8")
+    assert calibration_samples(str(file), tok, 3, SEQ).shape == (3, SEQ)
+
+
+def test_missing_tokenizer_raises(texts):
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        quantize(make_tiny_llama(), PoTConfig(group_size=32, seq_len=SEQ), texts)
+
+
+@pytest.mark.parametrize("data", [[], ["", "  \n"]], ids=["empty-list", "blank-strings"])
+def test_empty_dataset_raises(tok, data):
+    with pytest.raises(ValueError, match="dataset is empty"):
+        quantize(make_tiny_llama(), cal_config(tok), data)
+
+
+def test_too_short_samples_raise(tok):
+    with pytest.raises(ValueError, match="lower PoTConfig\\(seq_len"):
+        quantize(make_tiny_llama(), cal_config(tok, seq_len=512), ["a short sentence."])
+
+
+@pytest.mark.parametrize(
+    "field,value", [("calibration_batch_size", 0), ("act_weighted_init", "yes")], ids=["batch0", "awi-str"]
+)
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        PoTConfig(**{field: value})
+
+
+def test_float_weights_missing_raises(tok, texts):
+    model = quantize(make_tiny_llama(), PoTConfig(bits=3, group_size=32))  # in memory: no checkpoint to re-read
+    with pytest.raises(ValueError, match="needs the float weight"):
+        calibrate(model, cal_config(tok), texts, progress=False)
+
+
+def _assert_same_packed(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_quantize_saves_and_reloads_bit_exact(tok, texts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = quantize(make_tiny_llama(), cal_config(tok), texts)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    _assert_same_packed(model, again)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_from_pretrained_calibrates(arch, tok, texts, tmp_path, tiny_llama_path, tiny_gpt2_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_llama_path if arch == "llama" else tiny_gpt2_path
+    ref, ids = AutoModelForCausalLM.from_pretrained(path), held_out_ids(tok)
+    rtn = AutoModelForCausalLM.from_pretrained(path, quantization_config=PoTConfig(bits=3, group_size=32))
+    cal = AutoModelForCausalLM.from_pretrained(path, quantization_config=cal_config(tok, dataset=texts))
+    assert any(isinstance(m, PoTLinear) for m in cal.modules())
+    assert last_hidden_error(cal, ref, ids) < last_hidden_error(rtn, ref, ids)
+    cal.save_pretrained(tmp_path)
+    _assert_same_packed(cal, AutoModelForCausalLM.from_pretrained(tmp_path))
+
+
+def test_optimum_quantizer_interface(tok, texts, tmp_path, tiny_llama_path):
+    from optimum.quantization_base import OptimumQuantizer
+    from transformers import AutoModelForCausalLM
+
+    quantizer = PoTQuantizer.from_pretrained(tiny_llama_path)
+    assert isinstance(quantizer, OptimumQuantizer)
+    quantizer.tokenizer = tok
+    model = quantizer.quantize(tmp_path, quantization_config=cal_config(tok), dataset=texts)
+    assert os.path.isfile(tmp_path / "config.json")
+    _assert_same_packed(model, AutoModelForCausalLM.from_pretrained(tmp_path))
+    with pytest.raises(ValueError, match="not both"):
+        PoTQuantizer(make_tiny_llama()).quantize(tmp_path, quantization_config=PoTConfig(), bits=3)
+
+
+@pytest.mark.slow
+def test_smollm2_calibration_beats_rtn():
+    """4-bit PoT on SmolLM2: calibration lowers perplexity below the calibration-free quantisation's."""
+    from conftest import WIKITEXT_TEST
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_pot.utils.models import smollm2_checkpoint
+    from optimum_pot.utils.perplexity import perplexity
+
+    path = smollm2_checkpoint()
+    tk = AutoTokenizer.from_pretrained(path)
+    cfg = dict(bits=4, group_size=64)
+    rtn = AutoModelForCausalLM.from_pretrained(path, quantization_config=PoTConfig(**cfg))
+    cal = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=PoTConfig(**cfg, dataset=WIKITEXT_VALID, tokenizer=tk, num_samples=8, epochs=1),
+    )
+    ppl = [perplexity(m, tk, WIKITEXT_TEST, 512, max_windows=4, progress=False) for m in (rtn, cal)]
+    assert ppl[1] < ppl[0]
+
+
+@pytest.mark.parametrize("zero_level", [True, False], ids=["zero", "nozero"])
+@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
+def test_weighted_search_matches_reference_search(bits, zero_level):
+    """The fast coarse-to-fine search finds scales as good as step 1's exhaustive one (same weighted error)."""
+    from optimum_pot.calibration.init_scales import weighted_search_scales
+    from optimum_pot.format.scale_search import search_scales, weight_error
+
+    torch.manual_seed(bits)
+    w, imp = torch.randn(48, 200) * torch.rand(200), torch.rand(200) ** 4
+    fast = weighted_search_scales(w, 32, bits, zero_level, imp)
+    ref = search_scales(w, 32, bits, zero_level, importance=imp)
+    assert torch.equal(fast, fast.half().float())  # stored exactly in float16
+    err = [weight_error(w, s, 32, bits, zero_level, imp).sum().item() for s in (fast, ref)]
+    assert err[0] <= err[1] * 1.01
