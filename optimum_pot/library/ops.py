@@ -38,7 +38,8 @@ def available_backends(device_type: str) -> list[str]:
     return ["reference", *found]
 
 
-def _resolve(device_type: str, backend: str) -> Callable:
+def resolve(device_type: str, backend: str) -> Callable:
+    """The implementation ``backend`` selects for tensors on ``device_type`` (raises naming the fix if none)."""
     if backend == "reference":
         return pot_linear_reference
     if backend == "auto":
@@ -71,7 +72,7 @@ def pot_linear(
     backend: str,
 ) -> torch.Tensor:
     """``y = x @ W.T + bias`` for a packed PoT weight ``W`` (``[N, K]``); ``x`` ``[..., K]`` → ``[..., N]``."""
-    fn = _resolve(x.device.type, backend)
+    fn = resolve(x.device.type, backend)
     return fn(x, packed, scale, bias, bits, group_size, in_features, zero_level)
 
 

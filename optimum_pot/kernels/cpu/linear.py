@@ -47,11 +47,17 @@ def _gemm(lib, x2, packed, scale, bias, bits, group_size, in_features, zero_leve
     """``x2 [M, K]`` fp32 against the weight decoded tile by tile into a reused fp32 buffer."""
     n, k = packed.shape[0], in_features
     kp = -(-k // 64) * 64
-    xk = torch.nn.functional.pad(x2, (0, kp - k))  # [M, Kp]: the decoded rows are padded to whole chunks
+    xk = torch.nn.functional.pad(x2, (0, kp - k)) if kp != k else x2  # [M, Kp]: rows padded to whole chunks
     if lib.pot_cpu_fast_layout(group_size):
         xk = xk.view(-1, kp // 64, 8, 8).transpose(-1, -2).reshape(-1, kp)  # natural -> chunk order
     tile = max(8, min(n, TILE_FLOATS // kp))
     buf = torch.empty(tile, kp)
+    if tile >= n:  # one tile (every SmolLM2-sized layer): multiply straight into [M, N], no transposed copy
+        lib.pot_cpu_decode(
+            packed.data_ptr(), packed.shape[1], scale.data_ptr(), scale.shape[1], group_size, k, 0, n, bits,
+            int(zero_level), buf.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return torch.addmm(bias, xk, buf[:n].t()) if bias is not None else torch.mm(xk, buf[:n].t())
     out = torch.empty(n, x2.shape[0])  # [N, M]: row tiles are contiguous
     for n0 in range(0, n, tile):
         n1 = min(n, n0 + tile)

@@ -11,14 +11,14 @@ every other case (other backends, ``torch.export``, the CPU interpreter) keeps t
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from ...library.ops import _resolve, pot_linear
+from ...library.ops import pot_linear, resolve
 
 
 def _runs_on_triton(x: torch.Tensor, backend: str, kernel) -> bool:
     if x.device.type != "cuda":
         return False
     try:
-        if _resolve("cuda", backend) is not kernel:
+        if resolve("cuda", backend) is not kernel:
             return False
     except RuntimeError:
         return False  # unavailable backend: keep the op, which raises the registry's clear error when it runs
