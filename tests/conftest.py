@@ -6,7 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny tensors: a second thread only adds synchronisation (and stalls badly on a loaded machine).
+torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -58,3 +59,15 @@ def tiny_gpt2_path(tmp_path_factory):
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model_path(request, tiny_llama_path, tiny_gpt2_path):
     return tiny_llama_path if request.param == "llama" else tiny_gpt2_path
+
+
+def byte_tokenizer():
+    """An offline byte-level tokenizer with 256 ids, matching the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])

@@ -4,34 +4,13 @@ import os
 
 import pytest
 import torch
-from conftest import WIKITEXT_VALID, make_tiny_gpt2, make_tiny_llama
+from conftest import WIKITEXT_VALID, byte_tokenizer, make_tiny_gpt2, make_tiny_llama
 
 from optimum_pot import PoTConfig, PoTLinear, PoTQuantizer, quantize
 from optimum_pot.calibration import calibrate, calibration_samples, find_blocks
 
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 SEQ = 64
-
-
-def byte_tokenizer():
-    """An offline byte-level tokenizer with 256 ids, matching the tiny models' vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation, which stalls badly on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,31 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import WIKITEXT_VALID
+from conftest import WIKITEXT_VALID, byte_tokenizer
 
 from optimum_pot.cli.main import main
-
-
-def byte_tokenizer():
-    """A 256-token byte-level tokenizer matching the tiny models' vocabulary (built offline)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscription on the shared cores (many times faster under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

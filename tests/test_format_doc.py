@@ -14,15 +14,6 @@ from optimum_pot import PoTConfig, PoTLinear
 FORMAT_DOC = os.path.join(REPO, "docs", "format.md")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscribing the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def doc_reader():
     """``read_pot_layer`` from the ```python block between the reader markers of docs/format.md."""
     with open(FORMAT_DOC, encoding="utf-8") as f:

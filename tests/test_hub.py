@@ -19,14 +19,6 @@ from optimum_pot.hf.model_card import SECTION_END, SECTION_START, render_card
 HAND_WRITTEN = "---\nlicense: apache-2.0\ntags:\n- mine\n---\n\n# My model\n\nHand-written notes.\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class FakeHub:
     """Stands in for the Hub: records the files of every commit (copied, the upload folder is temporary)."""
 
