@@ -71,58 +71,78 @@ def llama_cpp_numbers(text: str, n_prompt: int, n_prefill: int, new_tokens: int,
     return rate, _median_time(prefill, reps)
 
 
-def breakdown(model, ms_per_token: float, reps: int = 5) -> None:
-    """Splits one decode step: PoT layers through the op vs their kernels alone, the fp32 lm_head, the rest."""
-    from optimum_pot.kernels.cpu.linear import pot_linear_cpu
+def breakdown(model, name: str, ms_per_token: float, reps: int = 5) -> None:
+    """Splits one decode step: PoT layers through the module vs their kernels alone, the lm_head, the rest."""
+    from optimum_pot.library.ops import resolve
     from optimum_pot.nn import PoTLinear
 
-    layers = [m for m in model.modules() if isinstance(m, PoTLinear)]
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if isinstance(m, PoTLinear) and m is not head]
     xs = [torch.randn(1, 1, m.in_features) for m in layers]
 
-    def via_op():
+    def via_module():
         for m, x in zip(layers, xs):
             m(x)
 
     def kernels():
         for m, x in zip(layers, xs):
-            pot_linear_cpu(x, m.weight, m.weight_scale, m.bias, m.bits, m.group_size, m.in_features, m.zero_level)
+            k = resolve("cpu", m.backend)
+            k(x, m.weight, m.weight_scale, m.bias, m.bits, m.group_size, m.in_features, m.zero_level)
 
     with torch.no_grad():
-        t_op, t_kernel = _median_time(via_op, reps) * 1e3, _median_time(kernels, reps) * 1e3
+        t_op, t_kernel = _median_time(via_module, reps) * 1e3, _median_time(kernels, reps) * 1e3
         h = torch.randn(1, 1, model.config.hidden_size)
-        t_head = _median_time(lambda: model.lm_head(h), reps) * 1e3
+        t_head = _median_time(lambda: head(h), reps) * 1e3
     rest = ms_per_token - t_op - t_head
+    kind = "PoT" if isinstance(head, PoTLinear) else "fp32"
     print(
-        f"\nPoT decode step {ms_per_token:.1f} ms/token: {len(layers)} PoT layers {t_op:.1f} ms through the op "
-        f"(kernels alone {t_kernel:.1f} ms, so op dispatch + wrapper {t_op - t_kernel:.1f} ms = "
-        f"{(t_op - t_kernel) / len(layers) * 1e3:.0f} us/layer); fp32 lm_head {t_head:.1f} ms; "
-        f"attention, norms and HF Python {rest:.1f} ms"
+        f"\n{name}: decode step {ms_per_token:.1f} ms/token = {len(layers)} PoT layers {t_op:.1f} ms (kernels "
+        f"alone {t_kernel:.1f} ms, module + wrapper {(t_op - t_kernel) / len(layers) * 1e3:.0f} us/layer) + "
+        f"{kind} lm_head {t_head:.1f} ms + attention, norms and HF Python {rest:.1f} ms"
     )
 
 
-def compiled_decode_rate(model, prompt, new_tokens, reps, pad_id):
-    """Static KV cache + ``torch.compile`` of the forward (the PoT op stays one opaque call per layer).
+def stepwise_perplexity(model, ids) -> float:
+    """Perplexity of ``ids`` fed one token at a time through the KV cache: every matmul sees one row, as in
+    decoding, so ``backend="cpu_int8"`` runs its integer path (a whole-sequence forward would take the GEMM path)."""
+    nll, past = 0.0, None
+    with torch.no_grad():
+        for i in range(ids.shape[1] - 1):
+            out = model(ids[:, i : i + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nll -= torch.log_softmax(out.logits[0, -1].float(), -1)[ids[0, i + 1]].item()
+    return float(torch.exp(torch.tensor(nll / (ids.shape[1] - 1))))
 
-    One cache length for every call, so the prefill and the one-token step each compile once.
+
+def static_decode_rate(model, prompt, new_tokens: int, reps: int, compile_: bool) -> float:
+    """Greedy decode tokens/s with a static KV cache and a hand-written loop (no ``generate``), optionally
+    through ``torch.compile`` of the forward (the PoT op stays one opaque call per layer).
+
+    One cache object reused (``reset()``) and fixed shapes, so the prompt step and the one-token step compile
+    once each; the rate is (T-1) / (t(T) - t(1)) as in :func:`decode_rate`.
     """
     from transformers import StaticCache
 
-    model = copy.deepcopy(model)
-    model.forward = torch.compile(model.forward, dynamic=False)
-    max_len = prompt.shape[1] + new_tokens
+    n0 = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=n0 + new_tokens)
+    forward = torch.compile(model.forward, dynamic=False) if compile_ else model.forward
 
-    def gen(n):
-        cache = StaticCache(config=model.config, max_cache_len=max_len)
-        return lambda: model.generate(
-            prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id
-        )
+    def run(n):
+        cache.reset()
+        out = forward(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(n0), logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        for i in range(n - 1):
+            pos = torch.tensor([n0 + i])
+            tok = forward(input_ids=tok, past_key_values=cache, cache_position=pos, logits_to_keep=1).logits.argmax(-1)
+        return tok
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        gen(3)()
-        print(f"  (static cache + torch.compile: compile and first generate {time.perf_counter() - t0:.0f} s)")
-        t_full = _median_time(lambda: gen(new_tokens)(), reps)
-        t_first = _median_time(lambda: gen(1)(), reps)
+        run(3)
+        if compile_:
+            print(f"  (torch.compile of the prompt and decode steps: {time.perf_counter() - t0:.0f} s)", flush=True)
+        t_full = _median_time(lambda: run(new_tokens), reps)
+        t_first = _median_time(lambda: run(1), reps)
     return (new_tokens - 1) / max(t_full - t_first, 1e-9)
 
 
@@ -146,8 +166,10 @@ def pot_smollm2(float_model, path: str):
 def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_pot import PoTConfig, quantize
+    from optimum_pot import PoTConfig, quantize, set_backend
     from optimum_pot.utils.models import smollm2_checkpoint
+
+    nan = float("nan")
 
     path = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)
@@ -165,25 +187,35 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     # The tied lm_head (113 MB in fp32, read once per token) is left float by default; llama.cpp quantises it.
     head_cfg = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[])
     pot_head = quantize(copy.deepcopy(pot_model), head_cfg)
+    pot_head_i8 = set_backend(quantize(copy.deepcopy(pot_model), head_cfg), "cpu_int8")
     rows = {}
     models = (
         ("float32 (HF generate)", float_model),
         ("PoT 4-bit g64 (HF generate, cpu kernel)", pot_model),
         ("PoT 4-bit g64 + lm_head (HF generate)", pot_head),
+        ("PoT 4-bit g64 + lm_head, backend cpu_int8 (HF generate)", pot_head_i8),
     )
     for name, model in models:
         rows[name] = (decode_rate(model, prompt, new, reps, tok.eos_token_id), prefill_time(model, prefill_ids, reps))
-    if try_compile:
+    static = [("float32", float_model), ("PoT 4-bit g64 + lm_head, cpu_int8", pot_head_i8)]
+    for name, model in static:
+        rows[f"{name} (static cache, eager loop)"] = (static_decode_rate(model, prompt, new, reps, False), nan)
+    for name, model in static if try_compile else ():
         try:
-            rate = compiled_decode_rate(pot_model, prompt, new, reps, tok.eos_token_id)
-            rows["PoT 4-bit g64 (static cache + torch.compile)"] = (rate, float("nan"))
+            rows[f"{name} (static cache + torch.compile)"] = (static_decode_rate(model, prompt, new, reps, True), nan)
         except Exception as err:  # report, do not hide: the table says it failed
-            print(f"static cache + torch.compile failed: {type(err).__name__}: {str(err)[:300]}")
+            print(f"static cache + torch.compile failed for {name}: {type(err).__name__}: {str(err)[:300]}")
     cpp = llama_cpp_numbers(text, n_prompt, n_prefill, new, threads, 1)
     if cpp is not None:
         rows["llama.cpp Q4_1 (llama-cpp-python)"] = cpp
+    n_ppl = 32 if smoke else 256
+    print(f"\nDecode-path perplexity (first {n_ppl} tokens of wikitext-2 test, one token per forward):")
+    for name, model in (("float32", float_model), ("PoT 4-bit + lm_head, cpu", pot_head),
+                        ("PoT 4-bit + lm_head, cpu_int8", pot_head_i8)):  # fmt: skip
+        print(f"  {name}: {stepwise_perplexity(model, ids[:, :n_ppl]):.3f}")
     base_rate, base_prefill = rows["float32 (HF generate)"]
     print("| model | decode tok/s | vs float | prefill s | vs float |\n|---|---|---|---|---|")
     for name, (rate, pre) in rows.items():
         print(f"| {name} | {rate:.1f} | {rate / base_rate:.2f}x | {pre:.3f} | {base_prefill / pre:.2f}x |")
-    breakdown(pot_model, 1e3 / rows["PoT 4-bit g64 (HF generate, cpu kernel)"][0])
+    for name, model in (("PoT 4-bit g64 (HF generate, cpu kernel)", pot_model), (models[3][0], pot_head_i8)):
+        breakdown(model, name, 1e3 / rows[name][0])

@@ -20,7 +20,7 @@ import torch
 from optimum_pot.format.levels import num_groups
 from optimum_pot.format.packing import pack
 from optimum_pot.kernels.cpu.build import load_library
-from optimum_pot.kernels.cpu.linear import pot_linear_cpu
+from optimum_pot.kernels.cpu.linear import GEMM_MIN_M, pot_linear_cpu, pot_linear_cpu_int8
 from optimum_pot.library.reference import pot_linear_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,9 @@ def quanto_method(n, k):
     return lambda x: nxt()(x)
 
 
-def pot_method(n, k, bits):
+def pot_method(n, k, bits, int8=False):
+    fn = pot_linear_cpu_int8 if int8 else pot_linear_cpu
+
     def make():
         codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8)
         return pack(codes, bits), (torch.rand(n, num_groups(k, GROUP)) * 0.1).to(torch.float16)
@@ -89,7 +91,7 @@ def pot_method(n, k, bits):
 
     def run(x):
         p, s = nxt()
-        return pot_linear_cpu(x, p, s, None, bits, GROUP, k, True)
+        return fn(x, p, s, None, bits, GROUP, k, True)
 
     return run
 
@@ -125,27 +127,35 @@ def check_correct() -> float:
 
 
 def kernel_table(shapes, ms, bits_list, reps, quanto_reps, clock=time.perf_counter):
+    """PoT ``cpu`` (fp32 activations) for ``bits_list`` and ``cpu_int8`` (int8 activations; 2/4-bit, decode rows
+    only: above ``GEMM_MIN_M`` rows it runs the same GEMM path as ``cpu``) beside the three baselines."""
     rows = []
     what = "wall" if clock is time.perf_counter else "CPU (thread) time, 1 thread"
-    print(f"\n## GEMV/GEMM {what}, group size {GROUP}, median of {reps} interleaved runs (ms); ratio = other / PoT 4b")
+    i8_bits = [b for b in (2, 4) if b in bits_list]
+    print(f"\n## GEMV/GEMM {what}, group size {GROUP}, median of {reps} interleaved runs (ms); ratio = other / PoT")
     head = ["K x N", "M", "fp32", "int4(torch)", "quanto int4"] + [f"PoT {b}b" for b in bits_list]
-    head += ["fp32/PoT4", "int4/PoT4", "quanto/PoT4"]
+    head += [f"PoT {b}b int8" for b in i8_bits]
+    head += ["fp32/PoT4", "int4/PoT4", "quanto/PoT4", "fp32/PoT4 int8", "int4/PoT4 int8"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for k, n in shapes:
         methods = {"fp32": fp32_method(n, k), "int4": torch_int4_method(n, k)}
         methods.update({f"pot{b}": pot_method(n, k, b) for b in bits_list})
+        int8_methods = {f"pot{b}i8": pot_method(n, k, b, int8=True) for b in i8_bits}
         quanto = quanto_method(n, k)
         for m in ms:
             x = torch.randn(m, k)
-            t = interleaved(methods, x, reps, clock)
+            t = interleaved({**methods, **(int8_methods if m <= GEMM_MIN_M else {})}, x, reps, clock)
             t["quanto"] = interleaved({"q": quanto}, x, quanto_reps, clock)["q"]
             p4 = t.get("pot4", t[f"pot{bits_list[-1]}"])
+            p4i8 = t.get("pot4i8", t.get(f"pot{i8_bits[-1]}i8")) if i8_bits else None
             cells = [f"{k}x{n}", str(m)] + [f"{t[c] * 1e3:.2f}" for c in ["fp32", "int4", "quanto"]]
             cells += [f"{t[f'pot{b}'] * 1e3:.2f}" for b in bits_list]
+            cells += [f"{t[f'pot{b}i8'] * 1e3:.2f}" if f"pot{b}i8" in t else "(= PoT)" for b in i8_bits]
             cells += [f"{t[c] / p4:.2f}x" for c in ["fp32", "int4", "quanto"]]
+            cells += [f"{t[c] / p4i8:.2f}x" if p4i8 else "" for c in ["fp32", "int4"]]
             print("| " + " | ".join(cells) + " |", flush=True)
             rows.append((k, n, m, t))
-        del methods, quanto
+        del methods, int8_methods, quanto
     return rows
 
 

@@ -7,7 +7,7 @@ from . import kernels  # noqa: F401, I001  (registers the kernels with the op; n
 from .config import FORMAT_VERSION, PoTConfig
 from .hf.model_card import record_eval
 from .hf.registration import register
-from .nn import PoTLinear, dequantize_model, quantize
+from .nn import PoTLinear, dequantize_model, quantize, set_backend
 from .optimum_quantizer import PoTQuantizer
 from .peft import register_lazily as _register_peft_lazily
 from .qat import convert_qat, prepare_qat
@@ -28,6 +28,7 @@ __all__ = [
     "prepare_qat",
     "quantize",
     "record_eval",
+    "set_backend",
     "__version__",
 ]
 

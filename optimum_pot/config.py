@@ -30,8 +30,9 @@ class PoTConfig(QuantizationConfigMixin):
         module_bits (`dict[str, int]`, *optional*):
             Per-module bit widths overriding ``bits`` (full module names, as written by per-layer bit allocation).
         backend (`str`, *optional*, defaults to `"auto"`):
-            Kernel for the forward pass: ``"auto"`` (best available for the device), ``"reference"``, ``"cpu"``
-            or ``"triton"``.
+            Kernel for the forward pass: ``"auto"`` (best available for the device), ``"reference"``, ``"cpu"``,
+            ``"cpu_int8"`` (CPU decode with int8 activations and integer accumulation: faster, slightly less exact;
+            see docs/cpu_kernel.md) or ``"triton"``.
         grid_points (`int`, *optional*, defaults to 32):
             Candidates of the per-group scale grid search of calibration-free quantisation (1: closed form).
         dataset (`list[str]`, `datasets.Dataset` or `str`, *optional*):

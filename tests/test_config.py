@@ -17,7 +17,7 @@ from optimum_pot.hf.quantizer import PoTHfQuantizer
         ({"group_size": 0}, r"group_size must be a positive integer"),
         ({"group_size": -64}, r"group_size must be a positive integer"),
         ({"group_size": 12.5}, r"group_size must be a positive integer"),
-        ({"backend": "cuda"}, r"backend must be one of \['auto', 'reference', 'cpu', 'triton'\]"),
+        ({"backend": "cuda"}, r"backend must be one of \['auto', 'reference', 'cpu', 'cpu_int8', 'triton'\]"),
         ({"zero_level": "yes"}, r"zero_level must be True or False"),
         ({"module_bits": {"fc": 8}}, r"module_bits\['fc'\] must be one of"),
         ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert must be a list"),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from optimum_pot import PoTConfig, quantize
+from optimum_pot import PoTConfig, quantize, set_backend
+from optimum_pot.format.activations import fake_quantize_activations_int8
 from optimum_pot.format.levels import num_groups
 from optimum_pot.format.packing import pack
 from optimum_pot.kernels.cpu import build, linear
@@ -165,3 +166,71 @@ def test_import_does_not_compile(monkeypatch):
     monkeypatch.setattr(build, "load_library", fail)
     importlib.reload(cpu_pkg)
     assert ops._KERNELS[("cpu", "cpu")][0] is linear.pot_linear_cpu
+
+
+# --- backend="cpu_int8": int8 activations, integer accumulation (decode rows); the fp32 path otherwise ---
+
+
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m", [1, 3, 12], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
+def test_int8_matches_its_reference(kernel, bits, shape, m, has_bias):
+    """Equal (fp32 accumulation tolerance) to the reference on int8-rounded activations where the integer path runs
+    (2/4-bit, group size a multiple of 64), and to the plain reference where it falls back to fp32 (3-bit, g100)."""
+    n, k, g = shape
+    packed, scale = make_weight(n, k, bits, g, seed=bits)
+    x = torch.randn(m, k) * torch.logspace(-2, 1, k)  # columns of very different magnitude: per-block scales matter
+    bias = torch.randn(n) if has_bias else None
+    y = linear.pot_linear_cpu_int8(x, packed, scale, bias, bits, g, k, True)
+    integer = build.load_library().pot_cpu_i8_supported(bits, g) == 1
+    assert integer == (bits != 3 and g % 64 == 0)
+    xr = fake_quantize_activations_int8(x) if integer else x
+    ref = pot_linear_reference(xr, packed, scale, bias, bits, g, k, True)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    exact = pot_linear_reference(x, packed, scale, bias, bits, g, k, True)
+    assert ((y - exact).norm() / exact.norm()).item() < (2e-2 if integer else 1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"{b}bit")
+def test_int8_zero_level_off_bf16_and_prefill(kernel, bits):
+    packed, scale = make_weight(31, 256, bits, 64, seed=3)
+    x = torch.randn(5, 256)
+    y = linear.pot_linear_cpu_int8(x, packed, scale, None, bits, 64, 256, False)
+    ref = pot_linear_reference(fake_quantize_activations_int8(x), packed, scale, None, bits, 64, 256, False)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    yb = linear.pot_linear_cpu_int8(x.bfloat16(), packed, scale, None, bits, 64, 256, True)
+    assert yb.dtype == torch.bfloat16
+    big = torch.randn(40, 256)  # prefill rows take the exact fp32 GEMM path
+    ref = pot_linear_reference(big, packed, scale, None, bits, 64, 256, True)
+    torch.testing.assert_close(linear.pot_linear_cpu_int8(big, packed, scale, None, bits, 64, 256, True), ref)
+
+
+def test_int8_nonfinite_activations_give_nan(kernel):
+    packed, scale = make_weight(8, 128, 4, 64)
+    x = torch.randn(2, 128)
+    x[0, 70] = float("inf")
+    x[1, 3] = float("nan")
+    y = linear.pot_linear_cpu_int8(x, packed, scale, None, 4, 64, 128, True)
+    assert torch.isnan(y).all()
+    assert torch.isnan(fake_quantize_activations_int8(x)[0, 64:]).all()
+
+
+def test_int8_backend_through_config_and_op(kernel):
+    from conftest import make_tiny_llama
+
+    model = quantize(make_tiny_llama(), PoTConfig(bits=4, group_size=64, backend="cpu_int8"))
+    ids = torch.randint(0, 256, (1, 6))
+    assert ops.resolve("cpu", "cpu_int8") is linear.pot_linear_cpu_int8
+    with torch.no_grad():
+        logits = model(ids).logits
+        exact = set_backend(model, "cpu")(ids).logits
+    assert model.config.quantization_config.backend == "cpu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        set_backend(model, "int8")
+    assert torch.isfinite(logits).all()
+    assert ((logits - exact).norm() / exact.norm()).item() < 0.05
+    torch.library.opcheck(
+        torch.ops.optimum_pot.pot_linear.default,
+        (torch.randn(1, 72), *make_weight(13, 72, 4, 64), None, 4, 64, 72, True, "cpu_int8"),
+    )

@@ -13,7 +13,7 @@ import torch
 from ..format.levels import expand_groups
 from .reference import pot_linear_reference, unit_weight
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "cpu_int8", "triton")
 AUTO_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton",)}
 
 # (device_type, backend) -> (kernel, is_available)

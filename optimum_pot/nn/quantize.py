@@ -124,3 +124,28 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             new.bias = None
         model.set_submodule(name, new.to(w.device))
     return model
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switches the forward kernel of every ``PoTLinear`` of ``model`` (and its saved ``quantization_config``).
+
+    Args:
+        model (`nn.Module`): a quantised model.
+        backend (`str`): one of ``optimum_pot.library.ops.BACKENDS`` (e.g. ``"cpu_int8"`` for faster CPU decode).
+
+    Raises:
+        ValueError: unknown backend, or no ``PoTLinear`` in ``model``.
+    """
+    from ..library.ops import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}.")
+    layers = [m for m in model.modules() if isinstance(m, PoTLinear)]
+    if not layers:
+        raise ValueError("set_backend: the model has no PoTLinear layer; quantize it first (optimum_pot.quantize).")
+    for m in layers:
+        m.backend = backend
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is not None and hasattr(config, "backend"):
+        config.backend = backend
+    return model

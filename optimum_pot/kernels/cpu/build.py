@@ -15,8 +15,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("pot_cpu.cpp")
-HEADERS = (Path(__file__).with_name("pot_pool.h"),)
+SOURCES = (Path(__file__).with_name("pot_cpu.cpp"), Path(__file__).with_name("pot_i8.cpp"))
+HEADERS = (Path(__file__).with_name("pot_pool.h"), Path(__file__).with_name("pot_simd.h"))
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 
@@ -26,6 +26,8 @@ _SIGNATURES = {
     "pot_cpu_fast_layout": ([_I64], _INT),
     # x, M, K, packed, row_bytes, scale, G, group_size, N, bits, zero_level, bias, y, threads
     "pot_cpu_linear": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR, _INT], None),
+    "pot_cpu_linear_i8": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR, _INT], None),
+    "pot_cpu_i8_supported": ([_INT, _I64], _INT),
     # packed, row_bytes, scale, G, group_size, K, n0, n1, bits, zero_level, out, threads
     "pot_cpu_decode": ([_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _PTR, _INT], None),
 }
@@ -71,7 +73,7 @@ def _build(cxx: str, out: Path, flags: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise KernelBuildError(f"{cxx} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)
@@ -94,7 +96,7 @@ def load_library() -> ctypes.CDLL:
         if cxx is None:
             raise KernelBuildError("no C++ compiler found (looked for $CXX, c++, g++, clang++)")
         flags = compile_flags(cpu_has_avx2())
-        sources = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
+        sources = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
         key = hashlib.sha256(sources + " ".join([cxx, *flags]).encode()).hexdigest()[:16]
         path = cache_dir() / f"pot_cpu_{key}.so"
         if not path.exists():

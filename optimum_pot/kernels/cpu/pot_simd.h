@@ -1,0 +1,78 @@
+// Helpers shared by the CPU kernels (pot_cpu.cpp: fp32 activations, pot_i8.cpp: int8 activations).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define POT_AVX2 1
+#else
+#define POT_AVX2 0
+#endif
+
+namespace pot {
+
+constexpr int64_t kChunk = 64;  // codes per chunk: 8 lanes x 8 positions
+
+inline uint32_t f2u(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// IEEE fp16 -> fp32 without F16C (subnormals, inf and nan included).
+inline float half_to_float(uint16_t h) {
+#if POT_AVX2
+  return _cvtsh_ss(h);
+#else
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  if (exp == 0) {
+    float v = float(mant) * (1.0f / 16777216.0f);  // mant * 2^-24, exact
+    return u2f(f2u(v) | sign);
+  }
+  if (exp == 31) return u2f(sign | 0x7f800000u | (mant << 13));
+  return u2f(sign | ((exp + 112) << 23) | (mant << 13));
+#endif
+}
+
+#if POT_AVX2
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Loads chunk c of a row so that 32-bit lane l holds codes 8l..8l+7 at bits [p*BITS, (p+1)*BITS).
+template <int BITS>
+inline __m256i load_chunk(const uint8_t* row, int64_t row_bytes, int64_t c) {
+  constexpr int64_t cb = 8 * BITS;  // bytes per 64 codes
+  const int64_t off = c * cb;
+  alignas(32) uint8_t tmp[32];
+  const uint8_t* src = row + off;
+  if (off + 32 > row_bytes) {  // the row's last chunk(s): never read past the row
+    std::memset(tmp, 0, 32);
+    std::memcpy(tmp, src, size_t(std::min<int64_t>(cb, row_bytes - off)));
+    src = tmp;
+  }
+  if (BITS == 4) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  if (BITS == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(src + 12),
+                                         reinterpret_cast<const __m128i*>(src));
+  const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
+                                          0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  return _mm256_shuffle_epi8(v, spread);
+}
+
+#endif  // POT_AVX2
+
+}  // namespace pot
