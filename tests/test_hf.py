@@ -106,3 +106,29 @@ def test_generate_runs(tiny_llama_path):
     q = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=PoTConfig(bits=4, group_size=32))
     out = q.generate(IDS[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("how", ["quantize", "from_pretrained"])
+def test_quantized_tied_lm_head_round_trips(tmp_path, how):
+    """``modules_to_not_convert=[]`` also packs a tied lm_head (the fast-decode recipe); the float embedding stays
+    and both reload bit-exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)  # fmt: skip
+    float_model = LlamaForCausalLM(cfg).eval()
+    pot = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[], backend="cpu_int8")
+    if how == "quantize":
+        model = optimum_pot.quantize(float_model, pot)
+    else:
+        float_model.save_pretrained(tmp_path / "float")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=pot).eval()
+    assert isinstance(model.lm_head, PoTLinear) and isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    ids = torch.randint(0, 256, (1, 9))
+    model.save_pretrained(tmp_path / "pot")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "pot").eval()
+    assert isinstance(again.lm_head, PoTLinear) and again.lm_head.backend == "cpu_int8"
+    torch.testing.assert_close(again.model.embed_tokens.weight, model.model.embed_tokens.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)

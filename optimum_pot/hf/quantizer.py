@@ -6,7 +6,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from ..format.levels import num_groups
 from ..format.packing import packed_row_bytes
-from ..nn.pot_linear import SCALE_DTYPE, PoTLinear
+from ..nn.pot_linear import SCALE_DTYPE, PoTLinear, quantize_weight
 from ..nn.quantize import dequantize_model, replace_with_pot_linear
 from .model_card import attach_card_hooks
 
@@ -56,6 +56,8 @@ class PoTHfQuantizer(HfQuantizer):
         self._pot_modules = {n for n, m in model.named_modules() if isinstance(m, PoTLinear)}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            self._quantize_tied_head(model)
         for name, module in model.named_modules():
             if isinstance(module, PoTLinear):
                 validate_loaded(name, module)
@@ -66,6 +68,25 @@ class PoTHfQuantizer(HfQuantizer):
             calibrate(model, cfg, cfg.dataset)
         attach_card_hooks(model)  # save_pretrained / push_to_hub write the PoT model card
         return model
+
+    def _quantize_tied_head(self, model) -> None:
+        """A tied lm_head that is to be packed (``modules_to_not_convert=[]``) has no tensor of its own in a float
+        checkpoint: quantise it from the input embedding it is tied to."""
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if not isinstance(head, PoTLinear) or emb is None or head.from_conv1d:
+            return
+        w = head.weight
+        loaded = w.dtype == torch.uint8 and getattr(w, "_is_hf_initialized", False) and w.device.type != "meta"
+        if loaded or tuple(emb.weight.shape) != (head.out_features, head.in_features):
+            return
+        cfg = self.quantization_config
+        name = next(n for n, m in model.named_modules() if m is head)
+        packed, scale = quantize_weight(emb.weight.detach(), head.bits, head.group_size, head.zero_level,
+                                        cfg.grid_points, name=name)  # fmt: skip
+        head.weight = torch.nn.Parameter(packed, requires_grad=False)
+        head.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        for t in (head.weight, head.weight_scale):
+            t._is_hf_initialized = True
 
     def is_serializable(self, safe_serialization=None):
         return True
