@@ -167,6 +167,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_pot import PoTConfig, quantize, set_backend
+    from optimum_pot.kernels.cpu import set_num_threads
     from optimum_pot.utils.models import smollm2_checkpoint
 
     nan = float("nan")
@@ -188,34 +189,49 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     head_cfg = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[])
     pot_head = quantize(copy.deepcopy(pot_model), head_cfg)
     pot_head_i8 = set_backend(quantize(copy.deepcopy(pot_model), head_cfg), "cpu_int8")
-    rows = {}
+    rows = {}  # name -> (decode tok/s, prefill s, threads)
+    both, split = f"torch {threads}", f"torch 1, PoT kernel {threads}"
+
+    def use(mode):  # decode of a small model: tiny torch ops are fastest on one thread, the PoT kernel on all
+        torch.set_num_threads(threads if mode == both else 1)
+        set_num_threads(None if mode == both else threads)
+
     models = (
-        ("float32 (HF generate)", float_model),
-        ("PoT 4-bit g64 (HF generate, cpu kernel)", pot_model),
-        ("PoT 4-bit g64 + lm_head (HF generate)", pot_head),
-        ("PoT 4-bit g64 + lm_head, backend cpu_int8 (HF generate)", pot_head_i8),
+        ("float32 (HF generate)", float_model, both),
+        ("PoT 4-bit g64, cpu (HF generate)", pot_model, both),
+        ("PoT 4-bit g64 + lm_head, cpu (HF generate)", pot_head, both),
+        ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate)", pot_head_i8, both),
+        ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate, split threads)", pot_head_i8, split),
     )
-    for name, model in models:
-        rows[name] = (decode_rate(model, prompt, new, reps, tok.eos_token_id), prefill_time(model, prefill_ids, reps))
-    static = [("float32", float_model), ("PoT 4-bit g64 + lm_head, cpu_int8", pot_head_i8)]
-    for name, model in static:
-        rows[f"{name} (static cache, eager loop)"] = (static_decode_rate(model, prompt, new, reps, False), nan)
-    for name, model in static if try_compile else ():
+    for name, model, mode in models:
+        use(mode)
+        rate = decode_rate(model, prompt, new, reps, tok.eos_token_id)
+        rows[name] = (rate, prefill_time(model, prefill_ids, reps), mode)
+    static = [("float32", float_model, both), ("PoT 4-bit g64 + lm_head, cpu_int8", pot_head_i8, split)]
+    for name, model, mode in static:
+        use(mode)
+        rows[f"{name} (static cache, eager loop)"] = (static_decode_rate(model, prompt, new, reps, False), nan, mode)
+    for name, model, mode in static if try_compile else ():
+        use(mode)
         try:
-            rows[f"{name} (static cache + torch.compile)"] = (static_decode_rate(model, prompt, new, reps, True), nan)
+            rate = static_decode_rate(model, prompt, new, reps, True)
+            rows[f"{name} (static cache + torch.compile)"] = (rate, nan, mode)
         except Exception as err:  # report, do not hide: the table says it failed
             print(f"static cache + torch.compile failed for {name}: {type(err).__name__}: {str(err)[:300]}")
+    use(both)
     cpp = llama_cpp_numbers(text, n_prompt, n_prefill, new, threads, 1)
     if cpp is not None:
-        rows["llama.cpp Q4_1 (llama-cpp-python)"] = cpp
+        rows["llama.cpp Q4_1 (llama-cpp-python)"] = (*cpp, f"llama.cpp {threads}")
     n_ppl = 32 if smoke else 256
     print(f"\nDecode-path perplexity (first {n_ppl} tokens of wikitext-2 test, one token per forward):")
     for name, model in (("float32", float_model), ("PoT 4-bit + lm_head, cpu", pot_head),
                         ("PoT 4-bit + lm_head, cpu_int8", pot_head_i8)):  # fmt: skip
         print(f"  {name}: {stepwise_perplexity(model, ids[:, :n_ppl]):.3f}")
-    base_rate, base_prefill = rows["float32 (HF generate)"]
-    print("| model | decode tok/s | vs float | prefill s | vs float |\n|---|---|---|---|---|")
-    for name, (rate, pre) in rows.items():
-        print(f"| {name} | {rate:.1f} | {rate / base_rate:.2f}x | {pre:.3f} | {base_prefill / pre:.2f}x |")
-    for name, model in (("PoT 4-bit g64 (HF generate, cpu kernel)", pot_model), (models[3][0], pot_head_i8)):
-        breakdown(model, name, 1e3 / rows[name][0])
+    base_rate, base_prefill = rows["float32 (HF generate)"][:2]
+    print("| model | threads | decode tok/s | vs float | prefill s | vs float |\n|---|---|---|---|---|---|")
+    for name, (rate, pre, mode) in rows.items():
+        print(f"| {name} | {mode} | {rate:.1f} | {rate / base_rate:.2f}x | {pre:.3f} | {base_prefill / pre:.2f}x |")
+    for name, model, mode in (models[1], models[4]):
+        use(mode)
+        breakdown(model, f"{name.strip()} [{mode}]", 1e3 / rows[name][0])
+    use(both)

@@ -6,7 +6,7 @@ from torch import nn
 from ..format.levels import encode, expand_groups, num_groups
 from ..format.packing import pack, packed_row_bytes
 from ..format.scale_search import FP16_MAX, search_scales
-from ..library.ops import pot_linear, resolve
+from ..library.ops import pot_linear, pot_linear_infer, resolve
 from ..library.reference import dequantize_weight
 
 SCALE_DTYPE = torch.float16
@@ -109,16 +109,17 @@ class PoTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.weight, self.weight_scale, self.bias, self.bits, self.group_size, self.in_features)
-        if self._needs_op(x):
+        if self._needs_grad(x):
             return pot_linear(*args, self.zero_level, self.backend)
-        # Inference: call the kernel directly. The custom-op dispatch costs ~40 us a call, which is more than the
-        # kernel itself for small layers at decode (docs/cpu_kernel.md).
+        if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+            # Graphs and fake/meta tensors need an op; the one without autograd dispatches ~4x faster.
+            return pot_linear_infer(*args, self.zero_level, self.backend)
+        # Eager inference: call the kernel directly. Even the lean op costs ~8 us a call, a sizeable part of a
+        # small layer's GEMV at decode (docs/cpu_kernel.md).
         return resolve(x.device.type, self.backend)(*args, self.zero_level)
 
-    def _needs_op(self, x: torch.Tensor) -> bool:
-        """The op (autograd, fake tensors, torch.compile) is needed unless this is plain eager inference."""
-        if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
-            return True
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        """Whether autograd must see this call (training, LoRA, QAT): then the op with its backward runs."""
         if not torch.is_grad_enabled():
             return False
         return x.requires_grad or any(p is not None and p.requires_grad for p in (self.weight_scale, self.bias))

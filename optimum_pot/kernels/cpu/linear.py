@@ -6,6 +6,7 @@ fp32 and multiplied by the BLAS GEMM, whose cost then dominates the decode. ``ba
 few-rows path for int8 activations and integer accumulation (``pot_i8.cpp``).
 """
 
+import os
 import warnings
 
 import torch
@@ -18,6 +19,29 @@ TILE_FLOATS = 1 << 22  # decoded tile of 16 MiB: stays in L3 while the GEMM read
 
 _LIB: list = []  # the loaded library, once built
 _FAILED: list[str] = []  # the build error, once it happened: later calls go straight to the reference
+
+
+_THREADS: list[int] = []  # set_num_threads() override; empty: follow torch.get_num_threads()
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads of the PoT CPU kernel (``None``: follow ``torch.get_num_threads()``, the default).
+
+    Decoding a small model is often fastest with torch's own ops on one thread (tiny attention/norm ops pay
+    OpenMP synchronisation) and the PoT kernel on all cores: ``torch.set_num_threads(1); set_num_threads(2)``.
+    Also read from ``$OPTIMUM_POT_NUM_THREADS`` at the first call.
+    """
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"set_num_threads: n must be a positive integer or None, got {n!r}.")
+    _THREADS[:] = [] if n is None else [n]
+
+
+def num_threads() -> int:
+    """Threads the PoT CPU kernel uses for the next call."""
+    if _THREADS:
+        return _THREADS[0]
+    env = os.environ.get("OPTIMUM_POT_NUM_THREADS")
+    return int(env) if env and env.isdigit() and int(env) > 0 else torch.get_num_threads()
 
 
 def is_available() -> bool:
@@ -56,7 +80,7 @@ def _gemm(lib, x2, packed, scale, bias, bits, group_size, in_features, zero_leve
     if tile >= n:  # one tile (every SmolLM2-sized layer): multiply straight into [M, N], no transposed copy
         lib.pot_cpu_decode(
             packed.data_ptr(), packed.shape[1], scale.data_ptr(), scale.shape[1], group_size, k, 0, n, bits,
-            int(zero_level), buf.data_ptr(), torch.get_num_threads(),
+            int(zero_level), buf.data_ptr(), num_threads(),
         )  # fmt: skip
         return torch.addmm(bias, xk, buf[:n].t()) if bias is not None else torch.mm(xk, buf[:n].t())
     out = torch.empty(n, x2.shape[0])  # [N, M]: row tiles are contiguous
@@ -74,7 +98,7 @@ def _gemm(lib, x2, packed, scale, bias, bits, group_size, in_features, zero_leve
             bits,
             int(zero_level),
             buf.data_ptr(),
-            torch.get_num_threads(),
+            num_threads(),
         )
         torch.mm(buf[: n1 - n0], xk.t(), out=out[n0:n1])
     y = out.t()
@@ -103,7 +127,7 @@ def _linear(x, packed, scale, bias, bits, group_size, in_features, zero_level, i
         fn(
             x2.data_ptr(), m, in_features, packed.data_ptr(), packed.shape[1], scale.data_ptr(), scale.shape[1],
             group_size, n, bits, int(zero_level), None if bias is None else bias.data_ptr(), y.data_ptr(),
-            torch.get_num_threads(),
+            num_threads(),
         )  # fmt: skip
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

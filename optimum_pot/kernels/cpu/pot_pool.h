@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -40,7 +41,7 @@ class Pool {
       next_.store(0);
       open_ = true;
       wanted_ = threads - 1;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work(body, n_tasks);
@@ -67,12 +68,19 @@ class Pool {
   void helper() {
     uint64_t seen = 0;
     for (;;) {
+      // Spin briefly before sleeping: at decode time jobs arrive every few tens of microseconds, and waking a
+      // sleeping thread (futex) costs about as much as a small layer's whole GEMV.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      for (int i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;
+        std::this_thread::yield();
+      }
       const std::function<void(int64_t)>* body;
       int64_t total;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return generation_ != seen; });
-        seen = generation_;
+        cv_.wait(lk, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        seen = generation_.load(std::memory_order_relaxed);
         if (!open_ || wanted_ <= 0) continue;
         --wanted_;
         active_.fetch_add(1, std::memory_order_acq_rel);
@@ -93,13 +101,14 @@ class Pool {
   std::atomic<int> active_{0};
   bool open_ = false;
   int wanted_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  static constexpr int kSpinMicros = 100;
 };
 
 // body(row0, row1) over [0, n_rows) in tasks of about `task_weights` weights each (rows of `row_weights`).
 inline void parallel_rows(int64_t n_rows, int64_t row_weights, int threads,
                           const std::function<void(int64_t, int64_t)>& body) {
-  constexpr int64_t task_weights = 1 << 17;  // ~0.1 ms of work: small enough to balance, big enough to amortise
+  constexpr int64_t task_weights = 1 << 15;  // ~25 us of work: small enough to balance, big enough to amortise
   const int64_t per_task = std::max<int64_t>(1, task_weights / std::max<int64_t>(row_weights, 1));
   const int64_t n_tasks = (n_rows + per_task - 1) / per_task;
   Pool::get().run(n_tasks, threads, [&](int64_t t) { body(t * per_task, std::min(n_rows, (t + 1) * per_task)); });
