@@ -203,7 +203,8 @@ def test_int8_zero_level_off_bf16_and_prefill(kernel, bits):
     assert yb.dtype == torch.bfloat16
     big = torch.randn(40, 256)  # prefill rows take the exact fp32 GEMM path
     ref = pot_linear_reference(big, packed, scale, None, bits, 64, 256, True)
-    torch.testing.assert_close(linear.pot_linear_cpu_int8(big, packed, scale, None, bits, 64, 256, True), ref)
+    y = linear.pot_linear_cpu_int8(big, packed, scale, None, bits, 64, 256, True)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_nonfinite_activations_give_nan(kernel):
