@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from optimum_pot.library.ops import available_backends, pot_linear
+from optimum_pot.library.ops import available_backends, pot_linear, pot_linear_infer
 from optimum_pot.library.reference import pot_linear_reference
 from optimum_pot.nn import PoTLinear, quantize
 
@@ -94,6 +94,32 @@ def test_opcheck_reference(bias):
     x = torch.randn(3, 40)
     args = (x, q.weight, q.weight_scale, q.bias, 4, 16, 40, True, "reference")
     torch.library.opcheck(pot_linear, args)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_inference_op_opcheck_and_equal(bias):
+    """``pot_linear_infer`` (no autograd, used by PoTLinear in compiled inference graphs) passes opcheck and equals
+    the main op."""
+    q = PoTLinear.from_float(gaussian_linear(40, 16, bias=bias), 4, 16)
+    x = torch.randn(3, 40)
+    b = None if q.bias is None else q.bias.detach()  # the op is used only when nothing needs a gradient
+    args = (x, q.weight, q.weight_scale, b, 4, 16, 40, True, "reference")
+    torch.library.opcheck(
+        pot_linear_infer, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    )
+    torch.testing.assert_close(pot_linear_infer(*args), pot_linear(*args), rtol=0, atol=0)
+
+
+def test_grad_still_flows_when_compiled():
+    """Under torch.compile a layer whose input needs a gradient must use the op with autograd, not the lean one."""
+    q = PoTLinear.from_float(gaussian_linear(40, 16), 4, 16)
+    x = torch.randn(3, 40, requires_grad=True)
+    torch.compile(q, backend="aot_eager")(x).sum().backward()
+    ref = torch.randn(3, 40, requires_grad=True)
+    with torch.no_grad():
+        ref.copy_(x)
+    q(ref).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
 
 
 def test_meta_device_shapes():
