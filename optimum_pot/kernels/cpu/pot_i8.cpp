@@ -38,9 +38,8 @@ int i8_slot(int bits, int r) {
   return (r & 2) * 16 + (r & 1) * 16 + (r >> 2);  // 2-bit: code 4j+t sits in vector t/2, half t%2, byte j
 }
 
-// Quantises x[M, K] to xq[M, Kp] int8 in chunk layout (xa: the same, absolute values) and xs[M, n_chunks] fp32
-// scales (0 past K).
-void quantize_rows(const float* x, int64_t M, int64_t K, int bits, int8_t* xq, uint8_t* xa, float* xs) {
+// Quantises x[M, K] to xq[M, Kp] int8 in chunk layout and xs[M, n_chunks] fp32 scales (0 past K).
+void quantize_rows(const float* x, int64_t M, int64_t K, int bits, int8_t* xq, float* xs) {
   const int64_t n_chunks = (K + kChunk - 1) / kChunk;
   int slot[kChunk];
   for (int r = 0; r < kChunk; ++r) slot[r] = i8_slot(bits, r);
@@ -58,35 +57,24 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int bits, int8_t* xq, u
       if (!finite) amax = NAN;  // nan/inf in the chunk: the row's output becomes nan, as in fp32
       const float inv = (finite && amax > 0.0f) ? 127.0f / amax : 0.0f;
       int8_t* q = xq + m * n_chunks * kChunk + c * kChunk;
-      uint8_t* qa = xa + m * n_chunks * kChunk + c * kChunk;
-      for (int r = 0; r < kChunk; ++r) {
-        const int v = r < n ? int(std::lrint(xc[r] * inv)) : 0;
-        q[slot[r]] = int8_t(v);
-        qa[slot[r]] = uint8_t(v < 0 ? -v : v);
-      }
+      for (int r = 0; r < kChunk; ++r) q[slot[r]] = r < n ? int8_t(std::lrint(xc[r] * inv)) : 0;
       xs[m * n_chunks + c] = amax / 127.0f;
     }
 }
 
 #if POT_AVX2
 
-// pshufb tables by code. Without the zero level: the byte 2^(E-1-e) (u8, up to 128) and the sign +-1. With it
-// (the default) the largest exponent code is 0, so every magnitude 2^(E-2-e) fits a signed byte (<= 64) and one
-// table holds the signed value: the activation's sign is then moved onto it (sign_epi8) and |q| is the u8 operand.
-void tables_i8(int bits, bool zero_level, __m256i* t0, __m256i* t1) {
+// pshufb tables by code: the byte 2^(E-1-e) (0 for the zero level) and the sign +-1.
+void tables_i8(int bits, bool zero_level, __m256i* mag, __m256i* sgn) {
   alignas(32) int8_t m[32], s[32];
   const int n_e = 1 << (bits - 1);
   for (int i = 0; i < 32; ++i) {
-    const int c = i & ((1 << bits) - 1), e = c & (n_e - 1), sign = c >> (bits - 1);
-    if (zero_level) {
-      m[i] = e == n_e - 1 ? 0 : int8_t((sign ? -1 : 1) * (1 << (n_e - 2 - e)));
-    } else {
-      m[i] = int8_t(uint8_t(1u << (n_e - 1 - e)));
-    }
-    s[i] = sign ? -1 : 1;
+    const int c = i & ((1 << bits) - 1), e = c & (n_e - 1);
+    m[i] = (zero_level && e == n_e - 1) ? 0 : int8_t(uint8_t(1u << (n_e - 1 - e)));
+    s[i] = (c >> (bits - 1)) ? -1 : 1;
   }
-  *t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
-  *t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+  *mag = _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
+  *sgn = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
 }
 
 // The chunk's 64 codes as two vectors of 32 byte-codes (layout above).
@@ -112,64 +100,44 @@ inline void unpack_i8(const uint8_t* row, int64_t row_bytes, int64_t c, __m256i*
   }
 }
 
-// MB activation rows against one weight row. ZL (zero level): signed weight bytes, |q| x sign-moved weights, and
-// the two halves' int16 pair sums added before widening (each <= 2*127*64, the sum < 2^15). Otherwise: u8
-// magnitudes x sign-applied activations, each half widened separately (a pair may reach 2*128*127).
-template <int BITS, int MB, bool ZL>
+// MB activation rows against one weight row.
+template <int BITS, int MB>
 void row_dot_i8(const uint8_t* row, int64_t row_bytes, const uint16_t* srow, int64_t cpg, int64_t n_chunks,
-                __m256i t0, __m256i t1, const int8_t* xq, const uint8_t* xa, const float* xs, float* out) {
+                __m256i mag, __m256i sgn, const int8_t* xq, const float* xs, float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 total[MB][2];  // two chains per row: a chunk's work is shorter than the FMA latency chain at MB=1
-  for (int m = 0; m < MB; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
-  for (int64_t c = 0, g = 0, next_g = cpg; c < n_chunks; ++c) {
-    if (c == next_g) ++g, next_g += cpg;  // (no division per chunk: it was a measurable part of the loop)
-    const float sw = _cvtsh_ss(srow[g]);
+  __m256 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const float sw = _cvtsh_ss(srow[c / cpg]);
     __m256i a, b;
     unpack_i8<BITS>(row, row_bytes, c, &a, &b);
-    const __m256i wa = _mm256_shuffle_epi8(t0, a), wb = _mm256_shuffle_epi8(t0, b);
-    __m256i sa, sb;
-    if (!ZL) sa = _mm256_shuffle_epi8(t1, a), sb = _mm256_shuffle_epi8(t1, b);
+    const __m256i ma = _mm256_shuffle_epi8(mag, a), mb = _mm256_shuffle_epi8(mag, b);
+    const __m256i sa = _mm256_shuffle_epi8(sgn, a), sb = _mm256_shuffle_epi8(sgn, b);
     for (int m = 0; m < MB; ++m) {
-      const int64_t off = (m * n_chunks + c) * kChunk;
-      const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off));
-      const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off + 32));
-      __m256i dot;
-      if (ZL) {
-        const __m256i pa = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + off)),
-                                                _mm256_sign_epi8(wa, qa));
-        const __m256i pb = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + off + 32)),
-                                                _mm256_sign_epi8(wb, qb));
-        dot = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), ones);
-      } else {
-        dot = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(qa, sa)), ones),
-                               _mm256_madd_epi16(_mm256_maddubs_epi16(wb, _mm256_sign_epi8(qb, sb)), ones));
-      }
-      __m256& acc = total[m][c & 1];
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sw * xs[m * n_chunks + c]), acc);
+      const int8_t* xc = xq + (m * n_chunks + c) * kChunk;
+      const __m256i xa = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), sa);
+      const __m256i xb = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)), sb);
+      const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ma, xa), ones),
+                                           _mm256_madd_epi16(_mm256_maddubs_epi16(mb, xb), ones));
+      total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sw * xs[m * n_chunks + c]), total[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) out[m] = pot::hsum(_mm256_add_ps(total[m][0], total[m][1]));
+  for (int m = 0; m < MB; ++m) out[m] = pot::hsum(total[m]);
 }
 
 template <int BITS, int MB>
 void rows_i8(const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t G, int64_t cpg,
-             int64_t n_chunks, bool zero_level, const int8_t* xq, const uint8_t* xa, const float* xs, int64_t N,
-             const float* bias, float* y, int64_t m0, int threads) {
-  __m256i t0, t1;
-  tables_i8(BITS, zero_level, &t0, &t1);
-  // The integer weights' exponent offset: 2^-(E-1), or 2^-(E-2) with the zero level (magnitudes one bit smaller).
-  const float unit = std::ldexp(1.0f, (zero_level ? 2 : 1) - (1 << (BITS - 1)));
-  const int64_t off = m0 * n_chunks * kChunk;
+             int64_t n_chunks, bool zero_level, const int8_t* xq, const float* xs, int64_t N, const float* bias,
+             float* y, int64_t m0, int threads) {
+  __m256i mag, sgn;
+  tables_i8(BITS, zero_level, &mag, &sgn);
+  const float unit = std::ldexp(1.0f, 1 - (1 << (BITS - 1)));  // 2^-(E-1): the integer weights' exponent offset
+  const int8_t* xm = xq + m0 * n_chunks * kChunk;
   const float* sm = xs + m0 * n_chunks;
   pot::parallel_rows(N, n_chunks * kChunk * MB / 2, threads, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float out[MB];
-      const uint8_t* row = packed + n * row_bytes;
-      if (zero_level)
-        row_dot_i8<BITS, MB, true>(row, row_bytes, scale + n * G, cpg, n_chunks, t0, t1, xq + off, xa + off, sm, out);
-      else
-        row_dot_i8<BITS, MB, false>(row, row_bytes, scale + n * G, cpg, n_chunks, t0, t1, xq + off, xa + off, sm,
-                                    out);
+      row_dot_i8<BITS, MB>(packed + n * row_bytes, row_bytes, scale + n * G, cpg, n_chunks, mag, sgn, xm, sm, out);
       const float b = bias ? bias[n] : 0.0f;
       for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = out[m] * unit + b;
     }
@@ -177,7 +145,7 @@ void rows_i8(const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, in
 }
 
 template <int BITS>
-void linear_i8(const int8_t* xq, const uint8_t* xa, const float* xs, int64_t M, const uint8_t* packed, int64_t row_bytes,
+void linear_i8(const int8_t* xq, const float* xs, int64_t M, const uint8_t* packed, int64_t row_bytes,
                const uint16_t* scale, int64_t G, int64_t cpg, int64_t n_chunks, int64_t N, bool zero_level,
                const float* bias, float* y, int threads) {
   for (int64_t m0 = 0; m0 < M;) {
@@ -185,7 +153,7 @@ void linear_i8(const int8_t* xq, const uint8_t* xa, const float* xs, int64_t M, 
     switch (mb) {
 #define POT_CASE(B)                                                                                             \
   case B:                                                                                                      \
-    rows_i8<BITS, B>(packed, row_bytes, scale, G, cpg, n_chunks, zero_level, xq, xa, xs, N, bias, y, m0, threads); \
+    rows_i8<BITS, B>(packed, row_bytes, scale, G, cpg, n_chunks, zero_level, xq, xs, N, bias, y, m0, threads); \
     break;
       POT_CASE(1) POT_CASE(2) POT_CASE(3) POT_CASE(4)
 #undef POT_CASE
@@ -213,15 +181,14 @@ void pot_cpu_linear_i8(const float* x, int64_t M, int64_t K, const uint8_t* pack
   if (pot_cpu_i8_supported(bits, group_size)) {
     const int64_t n_chunks = (K + kChunk - 1) / kChunk;
     std::vector<int8_t> xq(size_t(M * n_chunks * kChunk));
-    std::vector<uint8_t> xa(xq.size());
     std::vector<float> xs(size_t(M * n_chunks));
-    quantize_rows(x, M, K, bits, xq.data(), xa.data(), xs.data());
+    quantize_rows(x, M, K, bits, xq.data(), xs.data());
     const int64_t cpg = group_size / kChunk;
     if (bits == 4)
-      linear_i8<4>(xq.data(), xa.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
+      linear_i8<4>(xq.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
                    y, threads);
     else
-      linear_i8<2>(xq.data(), xa.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
+      linear_i8<2>(xq.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
                    y, threads);
     return;
   }

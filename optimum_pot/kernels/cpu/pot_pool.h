@@ -105,10 +105,13 @@ class Pool {
   static constexpr int kSpinMicros = 100;
 };
 
-// body(row0, row1) over [0, n_rows) in tasks of about `task_weights` weights each (rows of `row_weights`).
+// body(row0, row1) over [0, n_rows) in tasks of at least 32K weights (~25 us: small layers still split) and at
+// most 1/8 of a thread's share (large layers: long contiguous runs keep each core's hardware prefetcher streaming;
+// 4096-row layers measured ~10 % faster than with fixed 32K-weight tasks).
 inline void parallel_rows(int64_t n_rows, int64_t row_weights, int threads,
                           const std::function<void(int64_t, int64_t)>& body) {
-  constexpr int64_t task_weights = 1 << 15;  // ~25 us of work: small enough to balance, big enough to amortise
+  const int64_t total = n_rows * std::max<int64_t>(row_weights, 1);
+  const int64_t task_weights = std::max<int64_t>(int64_t(1) << 15, total / (8 * std::max(threads, 1)));
   const int64_t per_task = std::max<int64_t>(1, task_weights / std::max<int64_t>(row_weights, 1));
   const int64_t n_tasks = (n_rows + per_task - 1) / per_task;
   Pool::get().run(n_tasks, threads, [&](int64_t t) { body(t * per_task, std::min(n_rows, (t + 1) * per_task)); });
