@@ -183,7 +183,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     pot_model = pot_smollm2(float_model, path)
     print(
         f"\n## SmolLM2-135M end to end (prompt {n_prompt} tokens, {new} new tokens greedy, prefill {n_prefill} "
-        f"tokens); PoT 4-bit g64 (absmax scales), lm_head/embeddings stay float32 in both"
+        f"tokens); PoT 4-bit g64 (absmax scales), embeddings float32; lm_head float32 unless "+ lm_head""
     )
     # The tied lm_head (113 MB in fp32, read once per token) is left float by default; llama.cpp quantises it.
     head_cfg = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[])
@@ -228,9 +228,10 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
                         ("PoT 4-bit + lm_head, cpu_int8", pot_head_i8)):  # fmt: skip
         print(f"  {name}: {stepwise_perplexity(model, ids[:, :n_ppl]):.3f}")
     base_rate, base_prefill = rows["float32 (HF generate)"][:2]
-    print("| model | threads | decode tok/s | vs float | prefill s | vs float |\n|---|---|---|---|---|---|")
+    print("\n| model | threads | decode tok/s | vs float | prefill s | vs float |\n|---|---|---|---|---|---|")
     for name, (rate, pre, mode) in rows.items():
-        print(f"| {name} | {mode} | {rate:.1f} | {rate / base_rate:.2f}x | {pre:.3f} | {base_prefill / pre:.2f}x |")
+        pre_cells = "– | –" if pre != pre else f"{pre:.3f} | {base_prefill / pre:.2f}x"  # nan: not measured
+        print(f"| {name} | {mode} | {rate:.1f} | {rate / base_rate:.2f}x | {pre_cells} |")
     for name, model, mode in (models[1], models[4]):
         use(mode)
         breakdown(model, f"{name.strip()} [{mode}]", 1e3 / rows[name][0])
