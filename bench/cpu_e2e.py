@@ -183,7 +183,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     pot_model = pot_smollm2(float_model, path)
     print(
         f"\n## SmolLM2-135M end to end (prompt {n_prompt} tokens, {new} new tokens greedy, prefill {n_prefill} "
-        f"tokens); PoT 4-bit g64 (absmax scales), embeddings float32; lm_head float32 unless "+ lm_head""
+        f"tokens); PoT 4-bit g64 (absmax scales), embeddings float32; lm_head float32 unless '+ lm_head'"
     )
     # The tied lm_head (113 MB in fp32, read once per token) is left float by default; llama.cpp quantises it.
     head_cfg = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[])
