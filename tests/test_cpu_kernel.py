@@ -92,15 +92,17 @@ def test_opcheck(kernel):
     torch.library.opcheck(torch.ops.optimum_pot.pot_linear.default, (x, packed, scale, bias, 4, 64, 72, True, "cpu"))
 
 
-def test_torch_compile_tiny_model(kernel):
+@pytest.mark.parametrize("backend", ["cpu", "cpu_int8"])
+def test_torch_compile_tiny_model(kernel, backend):
+    """Compiled inference goes through ``pot_linear_infer`` and equals eager (decode-sized and prefill inputs)."""
     from conftest import make_tiny_llama
 
-    model = quantize(make_tiny_llama(), PoTConfig(bits=4, group_size=64, backend="cpu"))
-    ids = torch.randint(0, 256, (2, 12))
-    with torch.no_grad():
-        eager = model(ids).logits
-        compiled = torch.compile(model, backend="aot_eager")(ids).logits
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    model = quantize(make_tiny_llama(), PoTConfig(bits=4, group_size=64, backend=backend))
+    compiled_model = torch.compile(model, backend="aot_eager")
+    for shape in ((1, 5), (2, 12)):  # 5 rows: the decode path (integer path for cpu_int8); 24 rows: the GEMM path
+        ids = torch.randint(0, 256, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled_model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_portable_build_matches(tmp_path, monkeypatch):
