@@ -127,11 +127,11 @@ def check_correct() -> float:
 
 
 def kernel_table(shapes, ms, bits_list, reps, quanto_reps, clock=time.perf_counter):
-    """PoT ``cpu`` (fp32 activations) for ``bits_list`` and ``cpu_int8`` (int8 activations; 2/4-bit, decode rows
+    """PoT ``cpu`` (fp32 activations) for ``bits_list`` and ``cpu_int8`` (int8 activations; decode rows
     only: above ``GEMM_MIN_M`` rows it runs the same GEMM path as ``cpu``) beside the three baselines."""
     rows = []
     what = "wall" if clock is time.perf_counter else "CPU (thread) time, 1 thread"
-    i8_bits = [b for b in (2, 4) if b in bits_list]
+    i8_bits = [b for b in (2, 3, 4) if b in bits_list]
     print(f"\n## GEMV/GEMM {what}, group size {GROUP}, median of {reps} interleaved runs (ms); ratio = other / PoT")
     head = ["K x N", "M", "fp32", "int4(torch)", "int4 fp32-act", "quanto int4"] + [f"PoT {b}b" for b in bits_list]
     head += [f"PoT {b}b int8" for b in i8_bits]

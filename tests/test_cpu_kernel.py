@@ -179,14 +179,14 @@ def test_import_does_not_compile(monkeypatch):
 @pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
 def test_int8_matches_its_reference(kernel, bits, shape, m, has_bias):
     """Equal (fp32 accumulation tolerance) to the reference on int8-rounded activations where the integer path runs
-    (2/4-bit, group size a multiple of 64), and to the plain reference where it falls back to fp32 (3-bit, g100)."""
+    (group size a multiple of 64), and to the plain reference where it falls back to fp32 (g100)."""
     n, k, g = shape
     packed, scale = make_weight(n, k, bits, g, seed=bits)
     x = torch.randn(m, k) * torch.logspace(-2, 1, k)  # columns of very different magnitude: per-block scales matter
     bias = torch.randn(n) if has_bias else None
     y = linear.pot_linear_cpu_int8(x, packed, scale, bias, bits, g, k, True)
     integer = build.load_library().pot_cpu_i8_supported(bits, g) == 1
-    assert integer == (bits != 3 and g % 64 == 0)
+    assert integer == (g % 64 == 0)
     xr = fake_quantize_activations_int8(x) if integer else x
     ref = pot_linear_reference(xr, packed, scale, bias, bits, g, k, True)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
@@ -194,7 +194,7 @@ def test_int8_matches_its_reference(kernel, bits, shape, m, has_bias):
     assert ((y - exact).norm() / exact.norm()).item() < (2e-2 if integer else 1e-5)
 
 
-@pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
 def test_int8_zero_level_off_bf16_and_prefill(kernel, bits):
     packed, scale = make_weight(31, 256, bits, 64, seed=3)
     x = torch.randn(5, 256)

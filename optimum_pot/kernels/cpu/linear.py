@@ -140,7 +140,7 @@ def pot_linear_cpu(x, packed, scale, bias, bits, group_size, in_features, zero_l
 def pot_linear_cpu_int8(x, packed, scale, bias, bits, group_size, in_features, zero_level) -> torch.Tensor:
     """``backend="cpu_int8"``: like :func:`pot_linear_cpu`, but for few rows (decode, ``M <= GEMM_MIN_M``) the
     activations are quantised to int8 per row and 64 columns and the PoT weights applied as integer powers of two
-    with int32 accumulation (2- and 4-bit codes, group sizes that are multiples of 64, AVX2; otherwise, and for
+    with int32 accumulation (group sizes that are multiples of 64, AVX2; otherwise, and for
     prefill, the fp32 path). Results differ from the reference by the activation rounding (~0.4 % of a chunk's
     max |x| per element)."""
     return _linear(x, packed, scale, bias, bits, group_size, in_features, zero_level, int8=True)

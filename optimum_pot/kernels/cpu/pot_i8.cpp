@@ -15,7 +15,9 @@
 // Chunk layout (64 codes): 4-bit, 32 bytes: byte j holds codes 2j (low nibble) and 2j+1 (high nibble); the two
 // unpacked vectors are [code 2j]_j and [code 2j+1]_j. 2-bit, 16 bytes: byte j holds codes 4j..4j+3; the 16 bytes are
 // broadcast to both 128-bit halves and shifted by 0|2 and 4|6 bits per half: [4j | 4j+1]_j and [4j+2 | 4j+3]_j.
-// 3-bit codes, group sizes that are not multiples of 64, and CPUs without AVX2 use the fp32 path (pot_cpu.cpp).
+// 3-bit, 24 bytes: each 128-bit half holds 32 codes; a gather, a power-of-two multiply (the shift) and a shift
+// unpack them to bytes: [codes 0-15 | 32-47] and [16-31 | 48-63]. Group sizes that are not multiples of 64 and CPUs
+// without AVX2 use the fp32 path (pot_cpu.cpp).
 
 #include <cmath>
 #include <cstdint>
@@ -35,6 +37,7 @@ using pot::kChunk;
 // Position in a chunk's 64 int8 activations of code r of the chunk (the inverse of the layout above).
 int i8_slot(int bits, int r) {
   if (bits == 4) return (r & 1) * 32 + (r >> 1);
+  if (bits == 3) return (r & 16) * 2 + (r & 32) / 2 + (r & 15);  // code 32h+16u+j: vector u, half h, byte j
   return (r & 2) * 16 + (r & 1) * 16 + (r >> 2);  // 2-bit: code 4j+t sits in vector t/2, half t%2, byte j
 }
 
@@ -77,26 +80,57 @@ void tables_i8(int bits, bool zero_level, __m256i* mag, __m256i* sgn) {
   *sgn = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
 }
 
+// pshufb controls of the 3-bit unpack: quarter k, 16-bit slot t gets the bytes around bit 3(8k+t) of its half.
+struct Gather3 {
+  alignas(32) int8_t v[4][32];
+  constexpr Gather3() : v{} {
+    for (int k = 0; k < 4; ++k)
+      for (int t = 0; t < 8; ++t)
+        for (int h = 0; h < 2; ++h) {
+          v[k][16 * h + 2 * t] = int8_t((3 * (8 * k + t)) >> 3);
+          v[k][16 * h + 2 * t + 1] = int8_t(((3 * (8 * k + t)) >> 3) + 1);
+        }
+  }
+};
+constexpr Gather3 kGather3{};
+
 // The chunk's 64 codes as two vectors of 32 byte-codes (layout above).
 template <int BITS>
 inline void unpack_i8(const uint8_t* row, int64_t row_bytes, int64_t c, __m256i* a, __m256i* b) {
-  constexpr int64_t cb = 8 * BITS;
-  const uint8_t* src = row + c * cb;
+  constexpr int64_t cb = 8 * BITS, reads = BITS == 3 ? 28 : cb;  // 3-bit: two 16-byte loads at bytes 0 and 12
+  const int64_t off = c * cb;
+  const uint8_t* src = row + off;
   alignas(32) uint8_t tmp[32];
-  if ((c + 1) * cb > row_bytes) {  // the row's last chunk: never read past the row
+  if (off + reads > row_bytes) {  // the row's last chunk(s): never read past the row
     std::memset(tmp, 0, 32);
-    std::memcpy(tmp, src, size_t(row_bytes - c * cb));
+    std::memcpy(tmp, src, size_t(std::min<int64_t>(reads, row_bytes - off)));
     src = tmp;
   }
   if (BITS == 4) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), low4 = _mm256_set1_epi8(0x0f);
     *a = _mm256_and_si256(v, low4);
     *b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-  } else {
+  } else if (BITS == 2) {
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     const __m256i low2 = _mm256_set1_epi8(0x03);
     *a = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), low2);
     *b = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), low2);
+  } else {
+    // 3-bit: each 128-bit half holds 12 bytes = 32 codes (bytes 0-11 low, 12-23 high). Quarter q puts code 8q+t
+    // of a half in 16-bit slot t: the two bytes around bit 3(8q+t) are gathered (pshufb), then bits [s, s+3)
+    // (s = 3t mod 8, the same for every q) are moved to the top by a left shift of 13 - s, done as a multiply by
+    // 2^(13-s) (AVX2 has no per-lane 16-bit variable shift), and brought down by a shift of 13.
+    const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(src + 12),
+                                           reinterpret_cast<const __m128i*>(src));
+    const __m256i shift = _mm256_setr_epi16(8192, 1024, 128, 4096, 512, 64, 2048, 256,  //
+                                            8192, 1024, 128, 4096, 512, 64, 2048, 256);
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kGather3.v[k]));
+      q[k] = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, ctl), shift), 13);
+    }
+    *a = _mm256_packus_epi16(q[0], q[1]);  // per half: codes 0-15 of the half
+    *b = _mm256_packus_epi16(q[2], q[3]);  // per half: codes 16-31 of the half
   }
 }
 
@@ -170,7 +204,7 @@ extern "C" {
 
 // 1 when pot_cpu_linear_i8 runs the integer path for these settings (else it runs the fp32 path).
 int pot_cpu_i8_supported(int bits, int64_t group_size) {
-  return POT_AVX2 && (bits == 2 || bits == 4) && group_size % kChunk == 0;
+  return POT_AVX2 && bits >= 2 && bits <= 4 && group_size % kChunk == 0;
 }
 
 // As pot_cpu_linear, with x quantised to int8 per row and 64-column chunk (integer path, see above).
@@ -184,7 +218,10 @@ void pot_cpu_linear_i8(const float* x, int64_t M, int64_t K, const uint8_t* pack
     std::vector<float> xs(size_t(M * n_chunks));
     quantize_rows(x, M, K, bits, xq.data(), xs.data());
     const int64_t cpg = group_size / kChunk;
-    if (bits == 4)
+    if (bits == 3)
+      linear_i8<3>(xq.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
+                   y, threads);
+    else if (bits == 4)
       linear_i8<4>(xq.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
                    y, threads);
     else
