@@ -189,6 +189,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     head_cfg = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[])
     pot_head = quantize(copy.deepcopy(pot_model), head_cfg)
     pot_head_i8 = set_backend(quantize(copy.deepcopy(pot_model), head_cfg), "cpu_int8")
+    cfg3 = PoTConfig(bits=3, group_size=64, grid_points=1, modules_to_not_convert=[], backend="cpu_int8")
+    pot3_i8 = quantize(copy.deepcopy(float_model), cfg3)  # 3 bits: where calibrated PoT wins on accuracy
     rows = {}  # name -> (decode tok/s, prefill s, threads)
     both, split = f"torch {threads}", f"torch 1, PoT kernel {threads}"
 
@@ -202,6 +204,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
         ("PoT 4-bit g64 + lm_head, cpu (HF generate)", pot_head, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate)", pot_head_i8, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate, split threads)", pot_head_i8, split),
+        ("PoT 3-bit g64 + lm_head, cpu_int8 (HF generate, split threads)", pot3_i8, split),
     )
     for name, model, mode in models:
         use(mode)
