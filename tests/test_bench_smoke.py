@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO
 
-BENCHES = ["accuracy", "cpu_kernels", "qat", "gpu_kernels", "load_memory"]
+BENCHES = ["accuracy", "cpu_kernels", "int8_accuracy", "qat", "gpu_kernels", "load_memory"]
 
 
 @pytest.mark.parametrize("name", BENCHES)
