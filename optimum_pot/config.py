@@ -5,7 +5,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .format.levels import SUPPORTED_BITS
-from .library.ops import BACKENDS
+from .library.ops import check_backend
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -98,8 +98,7 @@ class PoTConfig(QuantizationConfigMixin):
         _check_bits("bits", self.bits)
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
             raise ValueError(f"group_size must be a positive integer (e.g. 32, 64, 128), got {self.group_size!r}.")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}.")
+        check_backend(self.backend)
         if not isinstance(self.zero_level, bool):
             raise ValueError(f"zero_level must be True or False, got {self.zero_level!r}.")
         if self.modules_to_not_convert is not None and not isinstance(self.modules_to_not_convert, list | tuple):

@@ -38,6 +38,12 @@ def available_backends(device_type: str) -> list[str]:
     return ["reference", *found]
 
 
+def check_backend(backend: str) -> None:
+    """Raises ``ValueError`` naming the valid values when ``backend`` is not one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}.")
+
+
 def resolve(device_type: str, backend: str) -> Callable:
     """The implementation ``backend`` selects for tensors on ``device_type`` (raises naming the fix if none)."""
     if backend == "reference":
@@ -72,13 +78,20 @@ def pot_linear(
     backend: str,
 ) -> torch.Tensor:
     """``y = x @ W.T + bias`` for a packed PoT weight ``W`` (``[N, K]``); ``x`` ``[..., K]`` → ``[..., N]``."""
-    fn = resolve(x.device.type, backend)
-    return fn(x, packed, scale, bias, bits, group_size, in_features, zero_level)
+    return _run(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend)
 
 
-@pot_linear.register_fake
-def _(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
+def _run(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
+    """The body of both ops: the kernel ``backend`` selects for ``x``'s device."""
+    return resolve(x.device.type, backend)(x, packed, scale, bias, bits, group_size, in_features, zero_level)
+
+
+def _fake(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
+    """Output of both ops for fake/meta tensors: ``[..., N]``."""
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+pot_linear.register_fake(_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -121,17 +134,7 @@ _INFER_LIB.define(
     "int in_features, bool zero_level, str backend) -> Tensor"
 )
 
-
-def _pot_linear_infer(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
-    return resolve(x.device.type, backend)(x, packed, scale, bias, bits, group_size, in_features, zero_level)
-
-
-_INFER_LIB.impl("pot_linear_infer", _pot_linear_infer, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("optimum_pot::pot_linear_infer")
-def _(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
-
+_INFER_LIB.impl("pot_linear_infer", _run, "CompositeExplicitAutograd")
+torch.library.register_fake("optimum_pot::pot_linear_infer", _fake)
 
 pot_linear_infer = torch.ops.optimum_pot.pot_linear_infer.default

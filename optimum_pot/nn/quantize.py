@@ -136,10 +136,9 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     Raises:
         ValueError: unknown backend, or no ``PoTLinear`` in ``model``.
     """
-    from ..library.ops import BACKENDS
+    from ..library.ops import check_backend
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}.")
+    check_backend(backend)
     layers = [m for m in model.modules() if isinstance(m, PoTLinear)]
     if not layers:
         raise ValueError("set_backend: the model has no PoTLinear layer; quantize it first (optimum_pot.quantize).")
