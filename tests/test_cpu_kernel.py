@@ -237,3 +237,27 @@ def test_int8_backend_through_config_and_op(kernel):
         torch.ops.optimum_pot.pot_linear.default,
         (torch.randn(1, 72), *make_weight(13, 72, 4, 64), None, 4, 64, 72, True, "cpu_int8"),
     )
+
+
+def test_kernel_thread_count(monkeypatch):
+    """``set_num_threads`` overrides; ``None`` returns to ``$OPTIMUM_POT_NUM_THREADS`` (read once), else torch's."""
+    monkeypatch.setattr(linear, "_THREADS", [])
+    monkeypatch.setattr(linear, "_ENV_THREADS", [])
+    monkeypatch.setenv("OPTIMUM_POT_NUM_THREADS", "3")
+    assert linear.num_threads() == 3
+    linear.set_num_threads(1)
+    assert linear.num_threads() == 1
+    linear.set_num_threads(None)
+    monkeypatch.setenv("OPTIMUM_POT_NUM_THREADS", "5")  # read once: a later change does not count
+    assert linear.num_threads() == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="positive integer or None"):
+            linear.set_num_threads(bad)
+
+
+def test_bad_thread_env_warns_and_follows_torch(monkeypatch):
+    monkeypatch.setattr(linear, "_THREADS", [])
+    monkeypatch.setattr(linear, "_ENV_THREADS", [])
+    monkeypatch.setenv("OPTIMUM_POT_NUM_THREADS", "two")
+    with pytest.warns(RuntimeWarning, match="set it to a positive integer"):
+        assert linear.num_threads() == torch.get_num_threads()

@@ -21,27 +21,47 @@ _LIB: list = []  # the loaded library, once built
 _FAILED: list[str] = []  # the build error, once it happened: later calls go straight to the reference
 
 
-_THREADS: list[int] = []  # set_num_threads() override; empty: follow torch.get_num_threads()
+_THREADS: list[int] = []  # set_num_threads() override; empty: follow $OPTIMUM_POT_NUM_THREADS, else torch
+_ENV_THREADS: list[int | None] = []  # $OPTIMUM_POT_NUM_THREADS, read once at the first call (not per call)
 
 
 def set_num_threads(n: int | None) -> None:
-    """Threads of the PoT CPU kernel (``None``: follow ``torch.get_num_threads()``, the default).
+    """Threads of the PoT CPU kernel (``None``: back to ``$OPTIMUM_POT_NUM_THREADS``, else
+    ``torch.get_num_threads()``, the default).
 
     Decoding a small model is often fastest with torch's own ops on one thread (tiny attention/norm ops pay
     OpenMP synchronisation) and the PoT kernel on all cores: ``torch.set_num_threads(1); set_num_threads(2)``.
-    Also read from ``$OPTIMUM_POT_NUM_THREADS`` at the first call.
+
+    Raises:
+        ValueError: ``n`` is not a positive integer or ``None``.
     """
-    if n is not None and (not isinstance(n, int) or n < 1):
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"set_num_threads: n must be a positive integer or None, got {n!r}.")
     _THREADS[:] = [] if n is None else [n]
+
+
+def _env_threads() -> int | None:
+    env = os.environ.get("OPTIMUM_POT_NUM_THREADS")
+    if env is None or env == "":
+        return None
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    warnings.warn(
+        f"optimum_pot: ignoring OPTIMUM_POT_NUM_THREADS={env!r}; set it to a positive integer (or unset it to follow "
+        "torch.get_num_threads()).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None
 
 
 def num_threads() -> int:
     """Threads the PoT CPU kernel uses for the next call."""
     if _THREADS:
         return _THREADS[0]
-    env = os.environ.get("OPTIMUM_POT_NUM_THREADS")
-    return int(env) if env and env.isdigit() and int(env) > 0 else torch.get_num_threads()
+    if not _ENV_THREADS:
+        _ENV_THREADS.append(_env_threads())
+    return _ENV_THREADS[0] or torch.get_num_threads()
 
 
 def is_available() -> bool:
