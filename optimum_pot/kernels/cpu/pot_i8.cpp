@@ -97,15 +97,8 @@ constexpr Gather3 kGather3{};
 // The chunk's 64 codes as two vectors of 32 byte-codes (layout above).
 template <int BITS>
 inline void unpack_i8(const uint8_t* row, int64_t row_bytes, int64_t c, __m256i* a, __m256i* b) {
-  constexpr int64_t cb = 8 * BITS, reads = BITS == 3 ? 28 : cb;  // 3-bit: two 16-byte loads at bytes 0 and 12
-  const int64_t off = c * cb;
-  const uint8_t* src = row + off;
   alignas(32) uint8_t tmp[32];
-  if (off + reads > row_bytes) {  // the row's last chunk(s): never read past the row
-    std::memset(tmp, 0, 32);
-    std::memcpy(tmp, src, size_t(std::min<int64_t>(reads, row_bytes - off)));
-    src = tmp;
-  }
+  const uint8_t* src = pot::chunk_bytes<BITS>(row, row_bytes, c, tmp);
   if (BITS == 4) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), low4 = _mm256_set1_epi8(0x0f);
     *a = _mm256_and_si256(v, low4);
@@ -120,8 +113,7 @@ inline void unpack_i8(const uint8_t* row, int64_t row_bytes, int64_t c, __m256i*
     // of a half in 16-bit slot t: the two bytes around bit 3(8q+t) are gathered (pshufb), then bits [s, s+3)
     // (s = 3t mod 8, the same for every q) are moved to the top by a left shift of 13 - s, done as a multiply by
     // 2^(13-s) (AVX2 has no per-lane 16-bit variable shift), and brought down by a shift of 13.
-    const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(src + 12),
-                                           reinterpret_cast<const __m128i*>(src));
+    const __m256i v = pot::load_halves3(src);
     const __m256i shift = _mm256_setr_epi16(8192, 1024, 128, 4096, 512, 64, 2048, 256,  //
                                             8192, 1024, 128, 4096, 512, 64, 2048, 256);
     __m256i q[4];

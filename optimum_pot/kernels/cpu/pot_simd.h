@@ -52,25 +52,34 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Where the loads of chunk c of a row read from: the row itself, or near its end `tmp` (32 bytes) holding the
+// chunk's remaining bytes zero-padded, so no load reads past the row. A chunk is 8*BITS bytes; the loads read 16
+// (2-bit), 28 (3-bit: two 16-byte loads at 0 and 12) or 32 (4-bit) bytes from the returned pointer.
+template <int BITS>
+inline const uint8_t* chunk_bytes(const uint8_t* row, int64_t row_bytes, int64_t c, uint8_t* tmp) {
+  constexpr int64_t reads = BITS == 2 ? 16 : (BITS == 3 ? 28 : 32);
+  const int64_t off = c * 8 * BITS;
+  if (off + reads <= row_bytes) return row + off;
+  std::memset(tmp, 0, 32);
+  std::memcpy(tmp, row + off, size_t(std::min<int64_t>(reads, row_bytes - off)));
+  return tmp;
+}
+
+// A 3-bit chunk's 24 bytes as two 128-bit halves: bytes 0-11 (codes 0-31) low, bytes 12-23 (codes 32-63) high.
+inline __m256i load_halves3(const uint8_t* src) {
+  return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(src + 12), reinterpret_cast<const __m128i*>(src));
+}
+
 // Loads chunk c of a row so that 32-bit lane l holds codes 8l..8l+7 at bits [p*BITS, (p+1)*BITS).
 template <int BITS>
 inline __m256i load_chunk(const uint8_t* row, int64_t row_bytes, int64_t c) {
-  constexpr int64_t cb = 8 * BITS;  // bytes per 64 codes
-  const int64_t off = c * cb;
   alignas(32) uint8_t tmp[32];
-  const uint8_t* src = row + off;
-  if (off + 32 > row_bytes) {  // the row's last chunk(s): never read past the row
-    std::memset(tmp, 0, 32);
-    std::memcpy(tmp, src, size_t(std::min<int64_t>(cb, row_bytes - off)));
-    src = tmp;
-  }
+  const uint8_t* src = chunk_bytes<BITS>(row, row_bytes, c, tmp);
   if (BITS == 4) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
   if (BITS == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(src + 12),
-                                         reinterpret_cast<const __m128i*>(src));
   const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
                                           0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
-  return _mm256_shuffle_epi8(v, spread);
+  return _mm256_shuffle_epi8(load_halves3(src), spread);
 }
 
 #endif  // POT_AVX2
