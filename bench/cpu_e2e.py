@@ -24,16 +24,21 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def _rate_beyond_first(run, new_tokens: int, reps: int) -> float:
+    """Tokens/s of ``run(n)`` (n greedy tokens) beyond the first: (T-1) / (t(T) - t(1)) removes the prefill."""
+    with torch.no_grad():
+        t_full = _median_time(lambda: run(new_tokens), reps)
+        t_first = _median_time(lambda: run(1), reps)
+    return (new_tokens - 1) / max(t_full - t_first, 1e-9)
+
+
 def decode_rate(model, prompt, new_tokens: int, reps: int, pad_id: int) -> float:
-    """Tokens/s of greedy ``generate`` beyond the first token: (T-1) / (t(T) - t(1)) removes prefill."""
+    """Tokens/s of greedy ``generate`` beyond the first token."""
 
     def gen(n):
-        return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
 
-    with torch.no_grad():
-        t_full = _median_time(gen(new_tokens), reps)
-        t_first = _median_time(gen(1), reps)
-    return (new_tokens - 1) / max(t_full - t_first, 1e-9)
+    return _rate_beyond_first(gen, new_tokens, reps)
 
 
 def prefill_time(model, ids, reps: int) -> float:
@@ -119,7 +124,7 @@ def static_decode_rate(model, prompt, new_tokens: int, reps: int, compile_: bool
     through ``torch.compile`` of the forward (the PoT op stays one opaque call per layer).
 
     One cache object reused (``reset()``) and fixed shapes, so the prompt step and the one-token step compile
-    once each; the rate is (T-1) / (t(T) - t(1)) as in :func:`decode_rate`.
+    once each; the rate is counted beyond the first token as in :func:`decode_rate`.
     """
     from transformers import StaticCache
 
@@ -139,11 +144,9 @@ def static_decode_rate(model, prompt, new_tokens: int, reps: int, compile_: bool
     t0 = time.perf_counter()
     with torch.no_grad():
         run(3)
-        if compile_:
-            print(f"  (torch.compile of the prompt and decode steps: {time.perf_counter() - t0:.0f} s)", flush=True)
-        t_full = _median_time(lambda: run(new_tokens), reps)
-        t_first = _median_time(lambda: run(1), reps)
-    return (new_tokens - 1) / max(t_full - t_first, 1e-9)
+    if compile_:
+        print(f"  (torch.compile of the prompt and decode steps: {time.perf_counter() - t0:.0f} s)", flush=True)
+    return _rate_beyond_first(run, new_tokens, reps)
 
 
 def pot_smollm2(float_model, path: str):
