@@ -7,7 +7,7 @@ import psutil
 import torch
 from torch import nn
 
-from optimum_pot.format.levels import group_view
+from optimum_pot.format.groups import group_view
 
 
 def _linear_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:

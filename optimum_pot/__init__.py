@@ -5,12 +5,14 @@
 
 from . import kernels  # noqa: F401, I001  (registers the kernels with the op; nothing compiles at import)
 from .config import FORMAT_VERSION, PoTConfig
+from .format.level_set import LevelSet
+from .format.registry import Family, families, get_level_set, register_family
 from .hf.model_card import record_eval
 from .hf.registration import register
-from .nn import PoTLinear, dequantize_model, quantize, set_backend
-from .optimum_quantizer import PoTQuantizer
+from .nn import PoTLinear, dequantize_model, set_backend
 from .peft import register_lazily as _register_peft_lazily
 from .qat import convert_qat, prepare_qat
+from .api import quantize
 
 __version__ = "0.1.0"
 
@@ -19,15 +21,20 @@ _register_peft_lazily()  # LoRA on PoTLinear, once peft is imported (never impor
 
 __all__ = [
     "FORMAT_VERSION",
+    "Family",
+    "LevelSet",
     "PoTConfig",
     "PoTLinear",
     "PoTQATCallback",
     "PoTQuantizer",
     "convert_qat",
     "dequantize_model",
+    "families",
+    "get_level_set",
     "prepare_qat",
     "quantize",
     "record_eval",
+    "register_family",
     "set_backend",
     "__version__",
 ]
@@ -39,4 +46,8 @@ def __getattr__(name):
         from .qat import PoTQATCallback
 
         return PoTQATCallback
+    if name == "PoTQuantizer":  # optimum is only needed for its OptimumQuantizer interface
+        from .optimum_quantizer import PoTQuantizer
+
+        return PoTQuantizer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,19 @@
 """``PoTConfig``: the typed, validated configuration of a PoT quantisation (``quant_method="pot"``)."""
 
+import fnmatch
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .format.levels import SUPPORTED_BITS
+from .format import families  # noqa: F401  (registers the built-in level-set families)
+from .format.level_set import LevelSet
+from .format.registry import families as registered_families
+from .format.registry import get_level_set
 from .library.ops import check_backend
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+DEFAULT_LEVELS = "sp2"  # measured best at equal kernel speed (docs/levels.md)
 
 # Fields that never go to config.json: a tokenizer object, a calibration corpus.
 _NOT_SERIALISED = ("tokenizer", "dataset")
@@ -17,36 +22,46 @@ _NOT_SERIALISED = ("tokenizer", "dataset")
 class PoTConfig(QuantizationConfigMixin):
     """Configuration of power-of-two (PoT) weight quantisation.
 
+    A weight is ``w = s · L[code] (+ z)``: ``L`` a table of levels that are each a signed power of two or a sum of
+    two (``levels``), ``s`` one float16 scale per ``group_size`` input columns and, for level sets with an offset,
+    ``z`` one float16 offset per group.
+
     Args:
-        bits (`int`, *optional*, defaults to 4):
-            Bits per weight: one sign bit and ``bits - 1`` exponent bits. One of 2, 3, 4.
+        bits (`int`, *optional*, defaults to 4): bits per weight code: 2, 3 or 4.
         group_size (`int`, *optional*, defaults to 128):
-            Input columns sharing one scale. Need not divide ``in_features``: the last group is then partial.
-        zero_level (`bool`, *optional*, defaults to `True`):
-            Whether the last exponent code means an exact zero (see docs/levels.md for the measurement).
+            Input columns sharing one scale. Need not divide ``in_features``: the last group is then partial; a
+            value larger than a layer means one group per row.
+        levels (`str`, *optional*, defaults to `"sp2"`):
+            The level-set family: ``"sp2"`` (non-uniform sums of two powers of two, the default), ``"int"``
+            (uniform integers, each a sum of at most two powers of two) or ``"pot"`` (single-term ``±2^-e``, format
+            version 1's only set). See docs/levels.md.
+        zero_level (`bool`, *optional*):
+            ``pot`` only: whether the all-ones exponent means an exact zero (`None`: yes).
+        offset (`bool`, *optional*):
+            Whether each group stores an offset ``z`` (one add per group at inference). `None`: the family's measured
+            default.
         modules_to_not_convert (`list[str]`, *optional*):
             Module names or patterns kept in float. `None` keeps the defaults of transformers (``lm_head``, tied
             embeddings).
         module_bits (`dict[str, int]`, *optional*):
             Per-module bit widths overriding ``bits`` (full module names, as written by per-layer bit allocation).
         backend (`str`, *optional*, defaults to `"auto"`):
-            Kernel for the forward pass: ``"auto"`` (best available for the device), ``"reference"``, ``"cpu"``,
-            ``"cpu_int8"`` (CPU decode with int8 activations and integer accumulation: faster, slightly less exact;
-            see docs/cpu_kernel.md) or ``"triton"``.
-        grid_points (`int`, *optional*, defaults to 32):
-            Candidates of the per-group scale grid search of calibration-free quantisation (1: closed form).
+            Kernel for the forward pass: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cpu_int8"`` or ``"triton"``.
+        grid_points (`int`, *optional*, defaults to 16):
+            Candidates of the per-group scale search of calibration-free quantisation (1: closed form).
+        refine_steps (`int`, *optional*, defaults to 2):
+            Rounds of least-squares refinement of scales (and offsets) after the search.
         dataset (`list[str]`, `datasets.Dataset` or `str`, *optional*):
-            Calibration text. When given, quantisation runs PoTPTQ step 2 (scale refinement) after loading.
-        tokenizer (*optional*):
-            Tokenizer (or its name/path) for the calibration dataset.
+            Calibration text. When given, the quantised model is calibrated block by block after loading.
+        tokenizer (*optional*): tokenizer (or its name/path) for the calibration dataset.
         num_samples (`int`, *optional*, defaults to 128): calibration sequences.
         seq_len (`int`, *optional*, defaults to 512): tokens per calibration sequence.
         epochs (`int`, *optional*, defaults to 2): passes over the calibration set per block.
         learning_rate (`float`, *optional*, defaults to 1e-3): Adam learning rate of the scale residual.
         reg_lambda (`float`, *optional*, defaults to 1e-4): weight of ``λ‖Γ‖²``.
         calibration_batch_size (`int`, *optional*, defaults to 1): calibration samples per optimiser step.
-        act_weighted_init (`bool`, *optional*, defaults to `True`): before learning ``Γ``, re-run the step-1 scale
-            search with each column's error weighted by its mean squared activation (see docs/calibration.md).
+        act_weighted_init (`bool`, *optional*, defaults to `True`): before calibration, re-run the scale search
+            with each column's error weighted by its mean squared activation.
         format_version (`int`, *optional*): on-disk format version; set when saving, checked when loading.
     """
 
@@ -54,11 +69,14 @@ class PoTConfig(QuantizationConfigMixin):
         self,
         bits: int = 4,
         group_size: int = 128,
-        zero_level: bool = True,
+        levels: str | None = None,
+        zero_level: bool | None = None,
+        offset: bool | None = None,
         modules_to_not_convert: list[str] | None = None,
         module_bits: dict[str, int] | None = None,
         backend: str = "auto",
-        grid_points: int = 32,
+        grid_points: int = 16,
+        refine_steps: int = 2,
         dataset: Any = None,
         tokenizer: Any = None,
         num_samples: int = 128,
@@ -74,11 +92,15 @@ class PoTConfig(QuantizationConfigMixin):
         self.quant_method = "pot"
         self.bits = bits
         self.group_size = group_size
+        # Format version 1 had one level set; its config.json has no "levels" field.
+        self.levels = levels if levels is not None else ("pot" if format_version == 1 else DEFAULT_LEVELS)
         self.zero_level = zero_level
+        self.offset = offset
         self.modules_to_not_convert = modules_to_not_convert
         self.module_bits = module_bits
         self.backend = backend
         self.grid_points = grid_points
+        self.refine_steps = refine_steps
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.num_samples = num_samples
@@ -93,30 +115,49 @@ class PoTConfig(QuantizationConfigMixin):
             setattr(self, key, value)
         self.post_init()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        """Builds the config of a checkpoint's ``quantization_config`` (which must name its format version)."""
+        if "format_version" not in config_dict:
+            raise ValueError(
+                "This PoT checkpoint's quantization_config has no format_version, so its codes cannot be decoded "
+                "safely. Re-save it with optimum_pot, or add the version it was written with (1 for checkpoints "
+                "without a 'levels' field) to config.json."
+            )
+        return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+
     def post_init(self):
         """Validates every field; raises `ValueError` naming the valid values."""
-        _check_bits("bits", self.bits)
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
-            raise ValueError(f"group_size must be a positive integer (e.g. 32, 64, 128), got {self.group_size!r}.")
-        check_backend(self.backend)
-        if not isinstance(self.zero_level, bool):
-            raise ValueError(f"zero_level must be True or False, got {self.zero_level!r}.")
-        if self.modules_to_not_convert is not None and not isinstance(self.modules_to_not_convert, list | tuple):
-            raise ValueError("modules_to_not_convert must be a list of module names or patterns, or None.")
-        for name, b in (self.module_bits or {}).items():
-            _check_bits(f"module_bits[{name!r}]", b)
-        if self.format_version not in SUPPORTED_FORMAT_VERSIONS:
+        if self.format_version not in SUPPORTED_FORMAT_VERSIONS or isinstance(self.format_version, bool):
             raise ValueError(
                 f"This checkpoint uses PoT format version {self.format_version!r}, but this optimum_pot reads "
                 f"versions {list(SUPPORTED_FORMAT_VERSIONS)}. Upgrade optimum_pot (pip install -U optimum-pot)."
             )
-        _check_positive_int("grid_points", self.grid_points)
-        for name in ("num_samples", "seq_len", "epochs", "calibration_batch_size"):
-            _check_positive_int(name, getattr(self, name))
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
-        if not self.reg_lambda >= 0:
-            raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda!r}.")
+        _check_int("bits", self.bits, (2, 3, 4))
+        _check_int("group_size", self.group_size)
+        if self.levels not in registered_families():
+            raise ValueError(f"levels must be one of {registered_families()} (see docs/levels.md), got "
+                             f"{self.levels!r}.")  # fmt: skip
+        for name in ("zero_level", "offset"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True, False or None, got {getattr(self, name)!r}.")
+        self.level_set_for("")  # the family exists at these bits with these options (raises naming why)
+        check_backend(self.backend)
+        _check_names("modules_to_not_convert", self.modules_to_not_convert)
+        if self.module_bits is not None:
+            if not isinstance(self.module_bits, dict):
+                raise ValueError(f"module_bits must be a dict {{module name: bits}}, got {self.module_bits!r}.")
+            _check_names("module_bits", list(self.module_bits))
+            for name, b in self.module_bits.items():
+                _check_int(f"module_bits[{name!r}]", b, (2, 3, 4))
+                self.level_set_for(name)
+        for name in ("grid_points", "num_samples", "seq_len", "epochs", "calibration_batch_size"):
+            _check_int(name, getattr(self, name))
+        _check_int("refine_steps", self.refine_steps, minimum=0)
+        for name, low in (("learning_rate", None), ("reg_lambda", 0.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 if low is None else v >= low):
+                raise ValueError(f"{name} must be a number {'> 0' if low is None else '>= 0'}, got {v!r}.")
         if not isinstance(self.act_weighted_init, bool):
             raise ValueError(f"act_weighted_init must be True or False, got {self.act_weighted_init!r}.")
 
@@ -124,19 +165,44 @@ class PoTConfig(QuantizationConfigMixin):
         """Bit width of ``module_name``: its ``module_bits`` override, else ``bits``."""
         return (self.module_bits or {}).get(module_name, self.bits)
 
+    def level_set_for(self, module_name: str) -> LevelSet:
+        """The :class:`LevelSet` of ``module_name`` (its ``module_bits`` override, else ``bits``)."""
+        return get_level_set(self.levels, self.bits_for(module_name), self.zero_level, self.offset)
+
+    @property
+    def level_set(self) -> LevelSet:
+        """The level set of layers without a ``module_bits`` override."""
+        return self.level_set_for("")
+
+    def unknown_module_bits(self, module_names) -> list[str]:
+        """Keys of ``module_bits`` that name none of ``module_names`` (a typo would silently keep ``bits``)."""
+        names = set(module_names)
+        return sorted(k for k in self.module_bits or {} if k not in names)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for config.json: the tokenizer and an in-memory dataset are left out."""
         out = {k: v for k, v in self.__dict__.items() if k not in _NOT_SERIALISED}
+        out["format_version"] = FORMAT_VERSION  # what this version writes (a loaded version-1 model saves as 2)
         if isinstance(self.dataset, str):
             out["dataset"] = self.dataset
         return out
 
 
-def _check_bits(name: str, value) -> None:
-    if value not in SUPPORTED_BITS or isinstance(value, bool):
-        raise ValueError(f"{name} must be one of {list(SUPPORTED_BITS)}, got {value!r}.")
+def _check_int(name: str, value, allowed=None, minimum: int = 1) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if allowed is not None and (not ok or value not in allowed):
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+    if not ok or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+def _check_names(field: str, names) -> None:
+    if names is None:
+        return
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{field} must be a list of module names or patterns (non-empty strings), got {names!r}.")
+
+
+def matches(name: str, patterns) -> bool:
+    """Whether module ``name`` matches one of ``patterns`` (exact, suffix after a dot, or a glob)."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns or ())

@@ -13,7 +13,7 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 
 from .config import PoTConfig
-from .nn.quantize import quantize as quantize_model
+from .api import quantize as quantize_model
 
 
 class PoTQuantizer(OptimumQuantizer):

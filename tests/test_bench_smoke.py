@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from .conftest import REPO
 
 BENCHES = ["accuracy", "cpu_kernels", "int8_accuracy", "qat", "gpu_kernels", "load_memory"]
 

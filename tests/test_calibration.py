@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import WIKITEXT_VALID, byte_tokenizer, make_tiny_gpt2, make_tiny_llama
+from .conftest import WIKITEXT_VALID, byte_tokenizer, make_tiny_gpt2, make_tiny_llama
 
 from optimum_pot import PoTConfig, PoTLinear, PoTQuantizer, quantize
 from optimum_pot.calibration import calibrate, calibration_samples, find_blocks

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import WIKITEXT_VALID, byte_tokenizer
+from .conftest import WIKITEXT_VALID, byte_tokenizer
 
 from optimum_pot.cli.main import main
 

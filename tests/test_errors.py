@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from .conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_tiny_gpt2, make_tiny_llama
+from .conftest import REPO, make_tiny_gpt2, make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from optimum_pot import PoTConfig, PoTLinear

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from .conftest import make_tiny_gpt2, make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 import optimum_pot

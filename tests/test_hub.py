@@ -8,7 +8,7 @@ import huggingface_hub
 import pytest
 import torch
 import transformers.utils.hub as transformers_hub
-from conftest import make_tiny_gpt2, make_tiny_llama
+from .conftest import make_tiny_gpt2, make_tiny_llama
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from .conftest import make_tiny_gpt2, make_tiny_llama
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from optimum_pot import PoTConfig, PoTLinear, quantize

@@ -6,7 +6,7 @@ import time
 import torch
 from torch import nn
 
-from ..nn.pot_linear import quantize_weight
+from ..format.weights import quantize_weight
 from .blocks import BlockInputs, block_output, capture_inputs, find_blocks
 from .data import calibration_samples
 from .refine import float_block, optimise, pot_modules, relative_error, trainable_block
@@ -86,12 +86,13 @@ def _calibrate_block(name, block, weights, inputs: BlockInputs, hidden, cfg, pro
     with torch.no_grad():
         for n, m in mods:
             fq = tblock.get_submodule(n)
-            packed, scale = quantize_weight(
-                w[n], m.bits, m.group_size, m.zero_level, name=f"{name}.{n}", scale=fq.final_scale()
+            packed, scale, offset = quantize_weight(
+                w[n], m.level_set, m.group_size, name=f"{name}.{n}", scale=fq.final_scale(), offset=fq.offset
             )
-            m.weight.data = packed.to(m.weight.device)
-            m.weight_scale.data = scale.to(m.weight_scale.device)
+            m.set_quantized(packed, scale, offset)
             fq.scale.copy_(scale.float())  # the stored scale, so the next inputs are the quantised block's outputs
+            if offset is not None:
+                fq.offset.copy_(offset.float())
             fq.gamma.zero_()
             FloatWeights.release(m)
         after = relative_error(tblock, inputs, hidden[:k], targets[:k])

@@ -14,10 +14,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..format.levels import fake_quantize
-from ..format.scale_search import round_scale
+from ..format.scale_search import round_scale, search_scales
 from ..nn.pot_linear import PoTLinear
 from .blocks import BlockInputs, block_output
-from .init_scales import weighted_search_scales
 
 
 class FakeQuantLinear(nn.Module):
@@ -26,15 +25,17 @@ class FakeQuantLinear(nn.Module):
     Args:
         weight (`torch.Tensor`): float32 ``[N, K]``.
         scale (`torch.Tensor`): float32 ``[N, G]`` initial scale (PoTPTQ step 1).
+        offset (`torch.Tensor`, *optional*): float32 ``[N, G]`` offsets (level sets with offsets; kept fixed).
         bias (`torch.Tensor`, *optional*): ``[N]``.
-        module (`PoTLinear`): the layer it stands for (bits, group size, zero level).
+        module (`PoTLinear`): the layer it stands for (level set, group size).
     """
 
-    def __init__(self, weight, scale, bias, module: PoTLinear):
+    def __init__(self, weight, scale, offset, bias, module: PoTLinear):
         super().__init__()
-        self.bits, self.group_size, self.zero_level = module.bits, module.group_size, module.zero_level
+        self.level_set, self.group_size = module.level_set, module.group_size
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.gamma = nn.Parameter(torch.zeros_like(scale))
         self.importance: torch.Tensor | None = None  # [K] mean squared input, recorded on request
@@ -44,7 +45,7 @@ class FakeQuantLinear(nn.Module):
         return self.scale * (1 + self.gamma).clamp_min(1e-3)
 
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize(self.weight, self.refined_scale(), self.group_size, self.bits, self.zero_level)
+        return fake_quantize(self.weight, self.refined_scale(), self.offset, self.group_size, self.level_set)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -94,10 +95,11 @@ def trainable_block(block: nn.Module, weights, importance, cfg) -> nn.Module:
     for name, m in pot_modules(out):
         w = weights[name]
         if importance is not None:
-            s = weighted_search_scales(w, m.group_size, m.bits, m.zero_level, importance[name], cfg.grid_points)
+            s, z = search_scales(w, m.level_set, m.group_size, cfg.grid_points, importance[name], cfg.refine_steps)
         else:
             s = m.weight_scale.detach().float()
-        out.set_submodule(name, FakeQuantLinear(w, s, m.bias, m))
+            z = None if m.weight_offset is None else m.weight_offset.detach().float()
+        out.set_submodule(name, FakeQuantLinear(w, s, z, m.bias, m))
     return out
 
 

@@ -56,7 +56,8 @@ def run(args) -> int:
         print(f"quantization: {method}")
     else:
         print("quantization: pot")
-        for key in ("bits", "group_size", "zero_level", "format_version", "modules_to_not_convert", "module_bits"):
+        for key in ("levels", "bits", "group_size", "zero_level", "offset", "format_version",
+                    "modules_to_not_convert", "module_bits"):  # fmt: skip
             print(f"  {key}: {quant.get(key)}")
         if quant.get("eval_perplexity") is not None:
             print(f"  perplexity: {quant['eval_perplexity']:.3f} on {quant.get('eval_text')}")

@@ -4,6 +4,8 @@ import argparse
 import os
 import time
 
+from ..format import families as _families  # noqa: F401  (registers the built-in level sets)
+from ..format.registry import families
 from ..library.ops import BACKENDS
 from .common import (
     DTYPES,
@@ -28,15 +30,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("output", metavar="OUTPUT", help="folder to write the PoT checkpoint to")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4], help="bits per weight (default: 4)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale (default: 128)")
+    p.add_argument("--levels", default=None, choices=families(), help="level-set family (default: sp2)")
     p.add_argument(
         "--zero-level",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the all-ones exponent code means 0 (default: on)",
+        default=None,
+        help="pot only: the all-ones exponent code means 0 (default: on)",
+    )
+    p.add_argument(
+        "--offset",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store a per-group offset (default: the level set's measured default)",
     )
     p.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="modules kept in float")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="forward kernel, saved in config.json")
-    p.add_argument("--grid-points", type=int, default=32, help="scale-search candidates per group (default: 32)")
+    p.add_argument("--grid-points", type=int, default=16, help="scale-search candidates per group (default: 16)")
+    p.add_argument("--refine-steps", type=int, default=2, help="least-squares refinement rounds (default: 2)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype of the float parts (default: auto)")
     calib = p.add_argument_group("calibration (PoTPTQ step 2; optional)")
     calib.add_argument("--dataset", metavar="FILE_OR_NAME", help="calibration text file or datasets name")
@@ -57,10 +67,13 @@ def build_config(args, tokenizer):
     return PoTConfig(
         bits=args.bits,
         group_size=args.group_size,
+        levels=args.levels,
         zero_level=args.zero_level,
+        offset=args.offset,
         modules_to_not_convert=args.modules_to_not_convert,
         backend=args.backend,
         grid_points=args.grid_points,
+        refine_steps=args.refine_steps,
         dataset=args.dataset,
         tokenizer=tokenizer if args.dataset else None,
         num_samples=args.num_samples,
@@ -88,7 +101,7 @@ def run(args) -> int:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=DTYPES[args.dtype])
     print(
-        f"quantised {args.model} to PoT {args.bits}-bit, group size {args.group_size} "
+        f"quantised {args.model} to PoT {config.level_set.id} ({args.bits}-bit), group size {args.group_size} "
         f"in {time.perf_counter() - start:.1f} s"
     )
     if args.eval_text:

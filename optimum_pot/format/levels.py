@@ -1,103 +1,148 @@
-"""The PoT level set and its pure quantisation math.
+"""Pure quantisation math over a :class:`~.level_set.LevelSet`: encode, decode, fake-quantise.
 
-A weight is ``w = s_g · (−1)^p · 2^(−e)``: ``p`` is the sign bit (the code's most significant bit), ``e`` the
-exponent code in the remaining ``bits - 1`` bits and ``s_g`` one scale per group of ``group_size`` input columns.
-The scale is the largest magnitude of the group's grid, so ``e = 0`` means ``±s`` and every further code halves it.
-With ``zero_level=True`` the last exponent code (all ones) means an exact zero instead of ``s·2^-(2^(b-1)-1)``.
-
-Everything here is a pure function of tensors: modules, kernels and calibration all call these, and every kernel is
-tested against :func:`decode`.
+A weight is ``w = s · L[code] (+ z)``: ``s`` the group's scale, ``L`` the level set's values, ``z`` the group's
+offset when the level set has one. Encoding picks the **nearest level** of ``r = (w − z) / s`` (a value exactly
+halfway between two levels takes the lower one); a zero scale (an all-zero group) encodes every weight as the level
+nearest zero. Every kernel is tested against :func:`decode`.
 """
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4)
+from .groups import expand_groups, num_groups
+from .level_set import LevelSet
 
 
-def num_exponent_codes(bits: int) -> int:
-    """Number of exponent codes, ``2^(bits-1)``: the sign takes one bit."""
-    return 1 << (bits - 1)
+def value_table(level_set: LevelSet, device=None) -> torch.Tensor:
+    """``L``: the unit value of every code, float32 ``[2^bits]``."""
+    return torch.tensor(level_set.values, dtype=torch.float32, device=device)
 
 
-def max_nonzero_exponent(bits: int, zero_level: bool) -> int:
-    """The largest exponent code that still means a non-zero magnitude."""
-    return num_exponent_codes(bits) - (2 if zero_level else 1)
+def is_uniform(level_set: LevelSet) -> bool:
+    """Whether the distinct levels are equally spaced (nearest level is then a rounding, no search)."""
+    lv = level_set.levels
+    steps = {b - a for a, b in zip(lv, lv[1:])}
+    return len(steps) == 1
 
 
-def num_groups(in_features: int, group_size: int) -> int:
-    """Groups per row; the last one is partial when ``group_size`` does not divide ``in_features``."""
-    return -(-in_features // group_size)
+MAX_BINS = 1 << 12  # largest lookup table of the bin search (finer level sets use a binary search)
+_BIN_TABLES: dict = {}
 
 
-def expand_groups(scale: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
-    """Repeats each group's scale over its columns: ``[N, G] -> [N, K]`` (the last group may be partial)."""
-    return scale.repeat_interleave(group_size, dim=-1)[..., :in_features]
+def _bins(level_set: LevelSet) -> tuple[float, int] | None:
+    """``(width, count)`` of equal bins over the levels' range whose edges include every midpoint, or ``None``.
 
-
-def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Zero-pads the columns to whole groups and views them as ``[N, G, group_size]``."""
-    n, k = w.shape
-    pad = num_groups(k, group_size) * group_size - k
-    if pad:
-        w = torch.nn.functional.pad(w, (0, pad))
-    return w.reshape(n, -1, group_size)
-
-
-def group_absmax(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Largest magnitude of each group: ``[N, K] -> [N, G]`` in float32 (zero padding never wins)."""
-    return group_view(w.float().abs(), group_size).amax(dim=-1)
-
-
-def nearest_exponent(ratio: torch.Tensor, bits: int, zero_level: bool) -> torch.Tensor:
-    """Exponent code of the grid point nearest (in the linear domain) to ``ratio = |w| / s``.
-
-    Between ``2^-e`` and ``2^-(e+1)`` the midpoint is ``0.75·2^-e``, so the nearest code is
-    ``floor(-log2(ratio / 1.5))``, clamped to the grid. Returns float32 codes (exact small integers).
+    Levels are dyadic, so with the finest power of two ``2^-F`` among them every midpoint is a multiple of
+    ``2^-(F+1)``: bins of that width never straddle a midpoint, and one table lookup finds the nearest level.
     """
-    e = torch.floor(-torch.log2(ratio / 1.5)).clamp(0, max_nonzero_exponent(bits, zero_level))
-    if zero_level:
-        # Below half of the smallest non-zero level, zero is nearer.
-        smallest = torch.exp2(-max_nonzero_exponent(bits, zero_level) * torch.ones((), device=ratio.device))
-        e = torch.where(ratio < 0.5 * smallest, float(num_exponent_codes(bits) - 1), e)
-    return e
+    lv = level_set.levels
+    width = 1.0
+    while any(not (m / width).is_integer() for m in (*level_set.midpoints, lv[0])):
+        width /= 2
+    count = round((lv[-1] - lv[0]) / width)
+    return (width, count) if count <= MAX_BINS else None
 
 
-def encode(w: torch.Tensor, scale_full: torch.Tensor, bits: int, zero_level: bool) -> torch.Tensor:
-    """Codes of ``w`` on the grid of ``scale_full`` (both ``[N, K]``): ``uint8`` with the sign in bit ``bits-1``.
+def _bin_table(level_set: LevelSet, device) -> torch.Tensor:
+    key = (level_set.id, str(device))
+    table = _BIN_TABLES.get(key)
+    if table is None:
+        width, count = _bins(level_set)
+        lv, mids = level_set.levels, torch.tensor(level_set.midpoints, dtype=torch.float64)
+        centers = lv[0] + (torch.arange(count, dtype=torch.float64) + 0.5) * width
+        table = torch.bucketize(centers, mids).to(device)
+        _BIN_TABLES[key] = table
+    return table
 
-    A zero scale (an all-zero group) encodes every weight as the largest magnitude; it decodes to zero anyway.
+
+def nearest_level_index(r: torch.Tensor, level_set: LevelSet) -> torch.Tensor:
+    """Index into ``level_set.levels`` (ascending) of the level nearest to each ``r`` (ties: the lower level).
+
+    Returns int64 indices of ``r``'s shape; NaN inputs give an unspecified valid index (callers reject NaN first).
     """
-    w = w.float()
+    lv = level_set.levels
+    if is_uniform(level_set):
+        step = lv[1] - lv[0]
+        # ceil(x - 0.5) rounds halves down, like the midpoint search below.
+        idx = torch.ceil((r - lv[0]) / step - 0.5)
+        return idx.clamp_(0, len(lv) - 1).to(torch.int64)
+    bins = _bins(level_set)
+    if bins is None:
+        mids = torch.tensor(level_set.midpoints, dtype=r.dtype, device=r.device)
+        return torch.bucketize(r, mids, right=False)
+    width, count = bins
+    # Bin j holds (lv0 + j·width, lv0 + (j+1)·width]: a midpoint on its right edge stays with the lower level.
+    j = torch.ceil((r - lv[0]) * (1.0 / width)).sub_(1).clamp_(0, count - 1).to(torch.int64)
+    return _bin_table(level_set, r.device)[j]
+
+
+def nearest_levels(r: torch.Tensor, level_set: LevelSet) -> torch.Tensor:
+    """The nearest level's value for each unit-domain ``r`` (float32)."""
+    levels = torch.tensor(level_set.levels, dtype=torch.float32, device=r.device)
+    return levels[nearest_level_index(r, level_set)]
+
+
+def unit_ratio(w: torch.Tensor, scale_full: torch.Tensor, offset_full: torch.Tensor | None) -> torch.Tensor:
+    """``r = (w − z) / s`` in float32, with ``r = 0`` where ``s = 0``."""
     s = scale_full.float()
-    ratio = w.abs() / torch.where(s > 0, s, torch.ones_like(s))
-    e = nearest_exponent(ratio, bits, zero_level).to(torch.uint8)
-    sign = (w < 0).to(torch.uint8) << (bits - 1)
-    return sign | e
+    num = w.float() if offset_full is None else w.float() - offset_full.float()
+    return torch.where(s > 0, num / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(num))
 
 
-def unit_values(codes: torch.Tensor, bits: int, zero_level: bool) -> torch.Tensor:
-    """``(−1)^p · 2^(−e)`` (or 0 for the zero code) of each code, float32."""
-    codes = codes.to(torch.int32)
-    e = codes & (num_exponent_codes(bits) - 1)
-    sign = 1.0 - 2.0 * ((codes >> (bits - 1)) & 1).float()
-    mag = torch.exp2(-e.float())
-    if zero_level:
-        mag = torch.where(e == num_exponent_codes(bits) - 1, torch.zeros_like(mag), mag)
-    return sign * mag
+def encode(
+    w: torch.Tensor, scale_full: torch.Tensor, offset_full: torch.Tensor | None, level_set: LevelSet
+) -> torch.Tensor:
+    """Codes (``uint8``) of ``w`` on the grid of ``scale_full`` and ``offset_full`` (all ``[N, K]``)."""
+    idx = nearest_level_index(unit_ratio(w, scale_full, offset_full), level_set)
+    canonical = torch.tensor(level_set.canonical_codes, dtype=torch.uint8, device=w.device)
+    return canonical[idx]
 
 
-def decode(codes: torch.Tensor, scale_full: torch.Tensor, bits: int, zero_level: bool) -> torch.Tensor:
-    """The reference decode: ``s · (−1)^p · 2^(−e)`` in float32, ``[N, K]``."""
-    return scale_full.float() * unit_values(codes, bits, zero_level)
+def unit_values(codes: torch.Tensor, level_set: LevelSet) -> torch.Tensor:
+    """``L[code]`` of each code, float32."""
+    return value_table(level_set, codes.device)[codes.to(torch.int64)]
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int, zero_level: bool) -> torch.Tensor:
-    """Differentiable PoT quantisation of ``w`` ``[N, K]`` with per-group ``scale`` ``[N, G]``.
+def decode(
+    codes: torch.Tensor, scale_full: torch.Tensor, offset_full: torch.Tensor | None, level_set: LevelSet
+) -> torch.Tensor:
+    """The reference decode: ``s · L[code] (+ z)`` in float32, ``[N, K]``."""
+    w = scale_full.float() * unit_values(codes, level_set)
+    return w if offset_full is None else w + offset_full.float()
 
-    Exponents come from detached values; the gradient reaches ``scale`` through ``s · unit`` and reaches ``w``
-    through a straight-through estimator, so both can be learned (calibration and QAT use this).
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    level_set: LevelSet,
+    group_size: int,
+) -> torch.Tensor:
+    """Codes ``[N, K]`` with per-group ``scale`` / ``offset`` ``[N, G]`` → float32 weight ``[N, K]``."""
+    k = codes.shape[-1]
+    z = None if offset is None else expand_groups(offset, group_size, k)
+    return decode(codes, expand_groups(scale, group_size, k), z, level_set)
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    group_size: int,
+    level_set: LevelSet,
+) -> torch.Tensor:
+    """Differentiable quantisation of ``w`` ``[N, K]`` with per-group ``scale`` (and ``offset``) ``[N, G]``.
+
+    Codes come from detached values; the gradient reaches ``scale`` and ``offset`` through ``s · L + z`` and ``w``
+    through a straight-through estimator, so all three can be learned (calibration and QAT use this).
     """
-    s_full = expand_groups(scale, group_size, w.shape[-1])
-    codes = encode(w.detach(), s_full.detach(), bits, zero_level)
-    q = s_full * unit_values(codes, bits, zero_level).to(s_full.dtype)
+    k = w.shape[-1]
+    if scale.shape[-1] != num_groups(k, group_size):
+        raise ValueError(f"scale has {scale.shape[-1]} groups; {k} columns in groups of {group_size} need "
+                         f"{num_groups(k, group_size)}.")  # fmt: skip
+    s_full = expand_groups(scale, group_size, k)
+    z_full = None if offset is None else expand_groups(offset, group_size, k)
+    codes = encode(w.detach(), s_full.detach(), None if z_full is None else z_full.detach(), level_set)
+    q = s_full * unit_values(codes, level_set).to(s_full.dtype)
+    if z_full is not None:
+        q = q + z_full
     return q + (w - w.detach())

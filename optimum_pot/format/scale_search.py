@@ -1,98 +1,184 @@
-"""PoTPTQ step 1: data-free scale initialisation.
+"""Calibration-free scales (and offsets): PoTPTQ step 1 for any level set, plus least-squares refinement.
 
-Closed form: the group maximum is the largest grid magnitude. Refinement: per group, a grid search over
-``s = α · max|w|`` for ``α ∈ [alpha_min, 1]`` keeps the ``α`` with the smallest (optionally importance-weighted)
-squared weight error. One octave of ``α`` is enough: doubling ``s`` only relabels exponents.
+Per group, candidates ``α ∈ [alpha_min, 1]`` shrink the range the grid spans (symmetric sets: ``s = α·max|w| /
+max|L|``; sets with an offset: the grid spans ``α·[min w, max w]``); each candidate's (optionally importance-
+weighted) squared error is measured with the nearest-level rule, coarse to fine, and the best kept. Then
+``refine_steps`` rounds of alternating least squares: with the codes fixed, the error is quadratic in ``s`` (and
+``z``), so the optimum is closed-form; codes are re-chosen, and a group keeps the new scale only if its error fell.
+
+Rows are processed in chunks that stay in cache across all candidates (memory-bound element-wise work).
 """
 
 import torch
 
-from .levels import encode, expand_groups, group_view, max_nonzero_exponent, unit_values
+from .groups import group_view
+from .level_set import LevelSet
+from .levels import nearest_level_index, nearest_levels
 
 FP16_MAX = 65504.0
+CHUNK_ELEMENTS = 1 << 16  # weights per chunk: 256 KiB of float32, cache-resident across candidates
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Rounds scales to the stored float16 so codes are chosen against the scale that is saved."""
+    """Rounds to the stored float16 (in float32) so codes are chosen against what is saved."""
     return scale.to(torch.float16).float()
 
 
-def weight_error(
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    group_size: int,
-    bits: int,
-    zero_level: bool,
-    importance: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-group squared error of quantising ``w`` ``[N, K]`` with ``scale`` ``[N, G]``: ``[N, G]``.
+class _Chunk:
+    """One chunk of groups: weights ``x`` ``[n, G, g]``, column weights ``imp`` ``[G, g]`` (0 on padding)."""
 
-    Args:
-        importance (`torch.Tensor`, *optional*): ``[K]`` non-negative column weights (e.g. mean squared
-            activations); the error of column ``k`` is multiplied by ``importance[k]``.
-    """
-    k = w.shape[-1]
-    s_full = expand_groups(scale, group_size, k)
-    q = s_full * unit_values(encode(w, s_full, bits, zero_level), bits, zero_level)
-    err = (w.float() - q) ** 2
-    if importance is not None:
-        err = err * importance.float()
-    return group_view(err, group_size).sum(dim=-1)  # zero padding adds no error
+    def __init__(self, x, imp, level_set: LevelSet):
+        self.x, self.imp, self.ls = x, imp, level_set
+
+    def error(self, s, z):
+        """Per-group weighted squared error ``[n, G]`` of the grid ``(s, z)`` (``z`` may be ``None``)."""
+        q = self.quantized(s, z)
+        return ((self.x - q).square_() * self.imp).sum(-1)
+
+    def quantized(self, s, z):
+        s3 = s[..., None]
+        safe = torch.where(s3 > 0, s3, torch.ones_like(s3))
+        r = self.x if z is None else self.x - z[..., None]
+        q = nearest_levels(r / safe, self.ls) * s3
+        return q if z is None else q + z[..., None]
+
+    def least_squares(self, s, z):
+        """Closed-form ``(s, z)`` for the codes the grid ``(s, z)`` gives; ``(None, None)`` where degenerate."""
+        s3 = s[..., None]
+        safe = torch.where(s3 > 0, s3, torch.ones_like(s3))
+        r = self.x if z is None else self.x - z[..., None]
+        lv = nearest_levels(r / safe, self.ls)  # [n, G, g] unit levels of the current codes
+        a = (self.imp * lv * lv).sum(-1)
+        d = (self.imp * lv * self.x).sum(-1)
+        if z is None:
+            return torch.where(a > 0, d / a.clamp_min(1e-30), s), None
+        if ZERO_EXACT:
+            # z = −s·L0 fixed in units of s: w ≈ s·(L − L0), a one-dimensional least squares in s
+            safe2 = torch.where(s > 0, s, torch.ones_like(s))
+            l0 = -z / safe2
+            lv0 = lv - l0[..., None]
+            a0 = (self.imp * lv0 * lv0).sum(-1)
+            d0 = (self.imp * lv0 * self.x).sum(-1)
+            s_new = torch.where(a0 > 0, d0 / a0.clamp_min(1e-30), s)
+            return s_new, -s_new * l0
+        b, c, e = (self.imp * lv).sum(-1), self.imp.sum(-1).expand_as(a), (self.imp * self.x).sum(-1)
+        det = a * c - b * b
+        ok = det > 1e-12 * (a * c).clamp_min(1e-30)
+        det = torch.where(ok, det, torch.ones_like(det))
+        s_new = torch.where(ok, (c * d - b * e) / det, s)
+        z_new = torch.where(ok, (a * e - b * d) / det, z)
+        return s_new, z_new
 
 
-def _candidate_error(
-    a: torch.Tensor, log_a: torch.Tensor, s: torch.Tensor, bits: int, zero_level: bool, col_weight: torch.Tensor
-) -> torch.Tensor:
-    """Per-group squared error ``[N, G]`` of magnitudes ``a`` ``[N, G, g]`` on the grid of scales ``s`` ``[N, G]``.
-
-    The same rounding rule as :func:`~optimum_pot.format.levels.nearest_exponent`, rewritten with the logarithm of
-    ``|w|`` computed once for all candidates: ``e = floor(log2(1.5·s) − log2|w|)``. The sign always matches, so the
-    error only depends on magnitudes.
-    """
-    e_max = max_nonzero_exponent(bits, zero_level)
-    s3 = s.unsqueeze(-1)  # [N, G, 1]
-    e = torch.floor(torch.log2(s3 * 1.5) - log_a).clamp_(0, e_max)
-    q = s3 * torch.exp2(-e)
-    if zero_level:
-        q = torch.where(a < s3 * (0.5 * 2.0**-e_max), 0.0, q)
-    return ((a - q) ** 2 * col_weight).sum(dim=-1)
+import os
+ZERO_EXACT = os.environ.get("POT_ZERO_EXACT", "1") == "1"
 
 
+def _zero_offset(s, z, level_set):
+    """The offset nearest ``z`` that puts a level exactly (up to float16 rounding) on zero: ``z = −s·L[j]``."""
+    lv = torch.tensor(level_set.levels, dtype=s.dtype, device=s.device)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    j = nearest_level_index(-z / safe, level_set)
+    return round_scale(-s * lv[j])
+
+
+def _candidate(lo, hi, absmax, alpha, level_set: LevelSet):
+    """The grid ``(s, z)`` (float16-representable) of shrink factor ``alpha`` ``[n, G]``."""
+    if not level_set.offset:
+        return round_scale(alpha * absmax / level_set.max_abs), None
+    lmin, lmax = level_set.levels[0], level_set.levels[-1]
+    s = round_scale(alpha * (hi - lo) / (lmax - lmin))
+    z = round_scale(alpha * lo - s * lmin)
+    if ZERO_EXACT:
+        z = _zero_offset(s, z, level_set)
+    return s, z
+
+
+def _keep(state, cand, err):
+    """Per group, the better of the best so far and the candidate: ``(err, s, z, alpha)``."""
+    if state is None:
+        return (err, *cand)
+    better = err < state[0]
+    pick = lambda new, old: None if new is None else torch.where(better, new, old)
+    return tuple(pick(n, o) for n, o in zip((err, *cand), state))
+
+
+def _search_chunk(chunk: _Chunk, lo, hi, absmax, grid_points, alpha_min, refine_steps):
+    ls = chunk.ls
+    state = None
+    coarse = max(2, grid_points // 4) if grid_points > 1 else 1
+    alphas = torch.linspace(alpha_min, 1.0, coarse).tolist() if coarse > 1 else [1.0]
+    for a in alphas:
+        s, z = _candidate(lo, hi, absmax, torch.full_like(absmax, a), ls)
+        state = _keep(state, (s, z, torch.full_like(absmax, a)), chunk.error(s, z))
+    if grid_points > 1:
+        step = (1.0 - alpha_min) / (coarse - 1)
+        for off in torch.linspace(-step, step, coarse + 2)[1:-1].tolist():  # strictly between the neighbours
+            a = (state[3] + off).clamp(alpha_min, 1.0)
+            s, z = _candidate(lo, hi, absmax, a, ls)
+            state = _keep(state, (s, z, a), chunk.error(s, z))
+    for _ in range(refine_steps):
+        s, z = chunk.least_squares(state[1], state[2])
+        s = round_scale(s.clamp(0.0, FP16_MAX))
+        z = None if z is None else round_scale(z.clamp(-FP16_MAX, FP16_MAX))
+        if z is not None and ZERO_EXACT:
+            z = _zero_offset(s, z, chunk.ls)
+        state = _keep(state, (s, z, state[3]), torch.where(s > 0, chunk.error(s, z), torch.inf))
+    return state[1], state[2]
+
+
+@torch.no_grad()
 def search_scales(
     w: torch.Tensor,
+    level_set: LevelSet,
     group_size: int,
-    bits: int,
-    zero_level: bool,
-    grid_points: int = 32,
-    alpha_min: float = 0.5,
+    grid_points: int = 16,
     importance: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-group scales ``[N, G]`` (float32 values exactly representable in float16) minimising weight error.
+    refine_steps: int = 2,
+    alpha_min: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group scales (and offsets) ``[N, G]``, float32 values exactly representable in float16.
 
     Args:
-        w (`torch.Tensor`): ``[N, K]`` float weight, rows are output features.
+        w (`torch.Tensor`): ``[N, K]`` float weight (finite), rows are output features.
+        level_set (`LevelSet`): the levels; an offset is searched when ``level_set.offset``.
         group_size (`int`): input columns per scale.
-        bits (`int`): 2, 3 or 4.
-        zero_level (`bool`): whether the last exponent code means zero.
-        grid_points (`int`): candidates for ``α``; 1 keeps the closed form ``s = max|w|``.
+        grid_points (`int`): candidates for ``α`` (coarse to fine); 1 keeps the closed form (``α = 1``).
+        importance (`torch.Tensor`, *optional*): ``[K]`` non-negative column weights of the error (e.g. mean
+            squared activations).
+        refine_steps (`int`): rounds of alternating least squares after the search (0: none).
         alpha_min (`float`): smallest ``α`` tried.
-        importance (`torch.Tensor`, *optional*): ``[K]`` column weights for the error.
+
+    Returns:
+        ``(scale, offset)``; ``offset`` is `None` for level sets without one.
     """
-    k = w.shape[-1]
-    a = group_view(w.float().abs(), group_size)  # [N, G, g], zero padded
-    absmax = a.amax(dim=-1)
-    best = round_scale(absmax)
-    if grid_points <= 1:
-        return best
-    # Column weights [1, G, g]: the importance, and 0 on the padding of a partial last group.
+    n, k = w.shape
+    x = group_view(w.float(), group_size)  # [N, G, g] zero padded
     cols = torch.ones(1, k, device=w.device) if importance is None else importance.float().reshape(1, k)
-    col_weight = group_view(cols, group_size)
-    log_a = torch.log2(a)  # -inf for zeros: they take the smallest level (or zero)
-    best_err = _candidate_error(a, log_a, best, bits, zero_level, col_weight)
-    for alpha in torch.linspace(alpha_min, 1.0, grid_points)[:-1].tolist():
-        cand = round_scale(absmax * alpha)
-        err = _candidate_error(a, log_a, cand, bits, zero_level, col_weight)
-        better = err < best_err
-        best = torch.where(better, cand, best)
-        best_err = torch.where(better, err, best_err)
-    return best
+    imp = group_view(cols, group_size)[0]  # [G, g], 0 on the padding of a partial last group
+    valid = group_view(torch.ones(1, k, device=w.device), group_size)[0] > 0
+    big = torch.finfo(torch.float32).max
+    lo_all = torch.where(valid, x, big).amin(-1).clamp_max(0.0) if level_set.offset else None
+    hi_all = torch.where(valid, x, -big).amax(-1).clamp_min(0.0) if level_set.offset else None
+    absmax_all = x.abs().amax(-1)
+    scale = torch.empty(n, x.shape[1], device=w.device)
+    offset = torch.empty_like(scale) if level_set.offset else None
+    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        chunk = _Chunk(x[sl], imp, level_set)
+        lo = None if lo_all is None else lo_all[sl]
+        hi = None if hi_all is None else hi_all[sl]
+        s, z = _search_chunk(chunk, lo, hi, absmax_all[sl], grid_points, alpha_min, refine_steps)
+        scale[sl] = s
+        if offset is not None:
+            offset[sl] = z
+    return scale, offset
+
+
+def weight_error(w, scale, offset, level_set: LevelSet, group_size: int, importance=None) -> torch.Tensor:
+    """Per-group (weighted) squared error ``[N, G]`` of quantising ``w`` ``[N, K]`` with ``scale`` / ``offset``."""
+    k = w.shape[-1]
+    x = group_view(w.float(), group_size)
+    cols = torch.ones(1, k, device=w.device) if importance is None else importance.float().reshape(1, k)
+    return _Chunk(x, group_view(cols, group_size)[0], level_set).error(scale.float(), offset)

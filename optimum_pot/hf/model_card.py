@@ -55,7 +55,7 @@ def record_eval(model, perplexity: float, text_name: str, seq_len: int | None = 
 
 def card_tags(config) -> list[str]:
     """Hub tags of a PoT checkpoint."""
-    return ["pot", "quantized", f"{config.bits}-bit", "optimum-pot"]
+    return ["pot", "quantized", f"{config.bits}-bit", f"pot-{config.levels}", "optimum-pot"]
 
 
 def _eval_line(config) -> str:
@@ -72,16 +72,18 @@ def _eval_line(config) -> str:
 
 
 def card_section(config, model_ref: str) -> str:
-    """The PoT part of the card: method, bits, group size, zero level, format version, perplexity, usage."""
+    """The PoT part of the card: method, level set, bits, group size, format version, perplexity, usage."""
     skipped = ", ".join(f"`{m}`" for m in config.modules_to_not_convert or []) or "none"
     module_bits = config.module_bits or {}
+    ls = config.level_set
     calibrated = getattr(config, "dataset", None)
     rows = [
         ("method", 'PoT (signed power-of-two weights), `quant_method: "pot"`'),
-        ("bits", f"{config.bits} (1 sign bit + {config.bits - 1} exponent bits)"),
+        ("level set", f"`{ls.id}`: {ls.description}"),
+        ("levels (× scale)", ", ".join(f"{v:g}" for v in ls.levels) + (" (+ a per-group offset)" if ls.offset else "")),
+        ("bits", f"{config.bits} per weight"),
         ("group size", f"{config.group_size} input columns per float16 scale"),
-        ("zero level", "yes (the all-ones exponent code is an exact 0)" if config.zero_level else "no"),
-        ("format version", str(config.format_version)),
+        ("format version", str(_written_version())),
         ("modules kept in float", skipped),
         ("per-module bits", f"{len(module_bits)} overrides" if module_bits else "none"),
         ("calibration", f"calibrated on `{calibrated}`" if isinstance(calibrated, str) else "calibration-free"),
@@ -91,9 +93,10 @@ def card_section(config, model_ref: str) -> str:
     return f"""{SECTION_START}
 ## PoT quantisation
 
-The linear layers of this model are stored as signed powers of two, `w = s · (−1)^p · 2^(−e)`, packed
-{config.bits} bits per weight with one float16 scale per group, by the `optimum-pot` package
-(its `docs/format.md` specifies the on-disk format).
+The linear layers of this model are stored as `w = s · L[code]{" + z" if ls.offset else ""}`, where every level of `L` is
+a signed power of two or a sum of two (no multiplier needed), packed {config.bits} bits per weight with one float16
+scale{" and offset" if ls.offset else ""} per group, by the `optimum-pot` package (its `docs/format.md` specifies the
+on-disk format).
 
 | | |
 |---|---|
@@ -139,9 +142,15 @@ def render_card(config, existing: str | None = None, model_ref: str = "PATH_OR_R
     return f"---\n{ModelCardData(**data).to_yaml()}\n---\n{body}"
 
 
+def _written_version() -> int:
+    from ..config import FORMAT_VERSION
+
+    return FORMAT_VERSION
+
+
 def _title(model_ref: str, config) -> str:
     name = os.path.basename(os.path.normpath(model_ref)) or "model"
-    return f"{name} (PoT {config.bits}-bit, group size {config.group_size})"
+    return f"{name} (PoT {config.levels} {config.bits}-bit, group size {config.group_size})"
 
 
 def write_card(directory: str, config, model_ref: str | None = None, base_model=None) -> str:

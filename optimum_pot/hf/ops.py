@@ -2,11 +2,12 @@
 
 from transformers.core_model_loading import ConversionOps
 
-from ..nn.pot_linear import PoTLinear, quantize_weight
+from ..format.weights import quantize_weight
+from ..nn.pot_linear import PoTLinear
 
 
 class PoTQuantize(ConversionOps):
-    """Quantise-on-load: one float ``weight`` in, packed ``weight`` + ``weight_scale`` out.
+    """Quantise-on-load: one float ``weight`` in; packed ``weight``, ``weight_scale`` (and ``weight_offset``) out.
 
     Runs as each float tensor is read, so only one float layer is alive at a time.
     """
@@ -28,7 +29,10 @@ class PoTQuantize(ConversionOps):
             )
         cfg = self.hf_quantizer.quantization_config
         # A ValueError here (NaN/Inf weights) lands in transformers' loading report, which then raises.
-        packed, scale = quantize_weight(
-            w, module.bits, module.group_size, module.zero_level, cfg.grid_points, name=prefix
+        packed, scale, offset = quantize_weight(
+            w, module.level_set, module.group_size, cfg.grid_points, cfg.refine_steps, name=prefix
         )
-        return {target_key: packed, f"{prefix}.weight_scale": scale}
+        out = {target_key: packed, f"{prefix}.weight_scale": scale}
+        if offset is not None:
+            out[f"{prefix}.weight_offset"] = offset
+        return out

@@ -4,11 +4,20 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from ..format.levels import num_groups
+from ..format.groups import num_groups
 from ..format.packing import packed_row_bytes
-from ..nn.pot_linear import SCALE_DTYPE, PoTLinear, quantize_weight
-from ..nn.quantize import dequantize_model, replace_with_pot_linear
-from .model_card import attach_card_hooks
+from ..format.weights import STORE_DTYPE, quantize_weight
+from ..nn.convert import dequantize_model, pot_layers
+from ..nn.pot_linear import PoTLinear
+from .checkpoint import (
+    check_agreement,
+    check_tensor_layout,
+    checkpoint_metadata,
+    read_metadata,
+    verify_digests,
+    verify_on_load,
+)
+from .integration import attach_model_hooks, replace_with_pot_linear
 
 
 class PoTHfQuantizer(HfQuantizer):
@@ -23,6 +32,7 @@ class PoTHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._pot_modules: set[str] = set()
+        self._metadata: dict | None = None
 
     def validate_environment(self, device_map=None, **kwargs):
         if isinstance(device_map, dict) and "disk" in device_map.values() and not self.pre_quantized:
@@ -38,35 +48,46 @@ class PoTHfQuantizer(HfQuantizer):
         return isinstance(module, PoTLinear) and tensor_name == "weight"
 
     def get_new_dtype(self, converter, param, dtype):
-        # Packed codes and scales are never cast: a wrong dtype on disk must surface as an error, not be
+        # Packed codes, scales and offsets are never cast: a wrong dtype on disk must surface as an error, not be
         # silently converted (a float weight cast to uint8 would load as garbage).
         target = converter.target_patterns[0] if getattr(converter, "target_patterns", None) else ""
-        if target.rpartition(".")[0] in self._pot_modules and target.endswith(("weight", "weight_scale")):
+        prefix, _, tensor = target.rpartition(".")
+        if prefix in self._pot_modules and tensor in ("weight", "weight_scale", "weight_offset"):
             return None
         return super().get_new_dtype(converter, param, dtype)
 
-    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, checkpoint_files=None,
+                                             **kwargs):  # fmt: skip
         cfg = self.quantization_config
+        cfg.post_init()  # a config edited after construction is checked again
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None)
         )
         # Record the resolved list so a reload rebuilds exactly the same modules.
         cfg.modules_to_not_convert = sorted(self.modules_to_not_convert)
         replace_with_pot_linear(model, cfg, self.modules_to_not_convert, self.pre_quantized)
-        self._pot_modules = {n for n, m in model.named_modules() if isinstance(m, PoTLinear)}
+        modules = dict(pot_layers(model))
+        self._pot_modules = set(modules)
+        if self.pre_quantized:
+            self._metadata = read_metadata(checkpoint_files)
+            if self._metadata is not None:
+                check_agreement(self._metadata, modules)
+            check_tensor_layout(checkpoint_files, modules)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             self._quantize_tied_head(model)
-        for name, module in model.named_modules():
-            if isinstance(module, PoTLinear):
-                validate_loaded(name, module)
+        modules = dict(pot_layers(model))
+        for name, module in modules.items():
+            validate_loaded(name, module)
+        if self.pre_quantized and self._metadata is not None and verify_on_load():
+            verify_digests(self._metadata, modules)
         cfg = self.quantization_config
         if not self.pre_quantized and cfg.dataset is not None:
             from ..calibration import calibrate
 
             calibrate(model, cfg, cfg.dataset)
-        attach_card_hooks(model)  # save_pretrained / push_to_hub write the PoT model card
+        attach_model_hooks(model)  # model card on save/push, logical num_parameters
         return model
 
     def _quantize_tied_head(self, model) -> None:
@@ -81,12 +102,16 @@ class PoTHfQuantizer(HfQuantizer):
             return
         cfg = self.quantization_config
         name = next(n for n, m in model.named_modules() if m is head)
-        packed, scale = quantize_weight(emb.weight.detach(), head.bits, head.group_size, head.zero_level,
-                                        cfg.grid_points, name=name)  # fmt: skip
-        head.weight = torch.nn.Parameter(packed, requires_grad=False)
-        head.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-        for t in (head.weight, head.weight_scale):
-            t._is_hf_initialized = True
+        head.set_quantized(*quantize_weight(emb.weight.detach(), head.level_set, head.group_size, cfg.grid_points,
+                                            cfg.refine_steps, name=name))  # fmt: skip
+        for t in (head.weight, head.weight_scale, head.weight_offset):
+            if t is not None:
+                t._is_hf_initialized = True
+
+    def get_state_dict_and_metadata(self, model):
+        from ..config import FORMAT_VERSION
+
+        return None, checkpoint_metadata(model, FORMAT_VERSION)
 
     def is_serializable(self, safe_serialization=None):
         return True
@@ -113,11 +138,15 @@ class PoTHfQuantizer(HfQuantizer):
 
 
 def validate_loaded(name: str, module: PoTLinear) -> None:
-    """Raises naming the tensor when a packed module was not filled from the checkpoint, or has the wrong layout."""
+    """Raises naming the tensor when a packed module was not filled from the checkpoint, has the wrong layout, or
+    holds scales that are not finite and non-negative (or offsets that are not finite)."""
+    g = num_groups(module.in_features, module.group_size)
     expected = {
         "weight": (torch.uint8, (module.out_features, packed_row_bytes(module.in_features, module.bits))),
-        "weight_scale": (SCALE_DTYPE, (module.out_features, num_groups(module.in_features, module.group_size))),
+        "weight_scale": (STORE_DTYPE, (module.out_features, g)),
     }
+    if module.level_set.offset:
+        expected["weight_offset"] = (STORE_DTYPE, (module.out_features, g))
     for tensor_name, (dtype, shape) in expected.items():
         t = getattr(module, tensor_name)
         key = f"{name}.{tensor_name}"
@@ -128,6 +157,14 @@ def validate_loaded(name: str, module: PoTLinear) -> None:
             )
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(
-                f"PoT checkpoint tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} for bits="
-                f"{module.bits}, group_size={module.group_size}; the checkpoint does not match its config.json."
+                f"PoT checkpoint tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} for level set "
+                f"{module.level_set.id}, group_size={module.group_size}; the checkpoint does not match its "
+                "config.json."
             )
+    bad_scale = ~torch.isfinite(module.weight_scale) | (module.weight_scale < 0)
+    bad_offset = None if module.weight_offset is None else ~torch.isfinite(module.weight_offset)
+    if bad_scale.any() or (bad_offset is not None and bad_offset.any()):
+        raise ValueError(
+            f"PoT checkpoint tensor {name}.weight_scale/weight_offset holds NaN, Inf or negative scales "
+            f"({int(bad_scale.sum())} bad scale(s)); the checkpoint is corrupted. Re-download or re-quantise it."
+        )

@@ -10,8 +10,12 @@ from collections.abc import Callable
 
 import torch
 
-from ..format.levels import expand_groups
-from .reference import pot_linear_reference, unit_weight
+from ..format.groups import expand_groups, group_sum
+from ..format.levels import unit_values
+from ..format.packing import unpack
+from ..format.registry import from_id
+from .checks import check_activation, check_packed
+from .reference import pot_linear_reference
 
 BACKENDS = ("auto", "reference", "cpu", "cpu_int8", "triton")
 AUTO_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton",)}
@@ -23,7 +27,11 @@ _REASONS: dict[str, Callable[[str], str | None]] = {}
 
 
 def register_kernel(device_type: str, backend: str, fn: Callable, is_available: Callable[[], bool] = lambda: True):
-    """Registers ``fn`` (same signature as :func:`pot_linear_reference`) as ``backend`` on ``device_type``."""
+    """Registers ``fn`` (same signature as :func:`pot_linear_reference`) as ``backend`` on ``device_type``.
+
+    A kernel takes ``(x, packed, scale, offset, bias, level_set, group_size, in_features)`` and must handle every
+    registered level set, or call the reference for those it does not (tests/test_conformance.py checks it).
+    """
     _KERNELS[(device_type, backend)] = (fn, is_available)
 
 
@@ -70,24 +78,34 @@ def pot_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
+    offset: torch.Tensor | None,
     bias: torch.Tensor | None,
-    bits: int,
+    levels: str,
     group_size: int,
     in_features: int,
-    zero_level: bool,
     backend: str,
 ) -> torch.Tensor:
-    """``y = x @ W.T + bias`` for a packed PoT weight ``W`` (``[N, K]``); ``x`` ``[..., K]`` → ``[..., N]``."""
-    return _run(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend)
+    """``y = x @ W.T + bias`` for a packed weight ``W`` (``[N, K]``) of level set ``levels`` (its id);
+    ``x`` ``[..., K]`` → ``[..., N]``."""
+    return _run(x, packed, scale, offset, bias, levels, group_size, in_features, backend)
 
 
-def _run(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
-    """The body of both ops: the kernel ``backend`` selects for ``x``'s device."""
-    return resolve(x.device.type, backend)(x, packed, scale, bias, bits, group_size, in_features, zero_level)
+def _check(x, packed, scale, offset, bias, level_set, group_size, in_features):
+    check_packed(packed, scale, offset, bias, level_set, group_size, in_features)
+    check_activation(x, in_features, packed.shape[0], packed.device)
 
 
-def _fake(x, packed, scale, bias, bits, group_size, in_features, zero_level, backend):
-    """Output of both ops for fake/meta tensors: ``[..., N]``."""
+def _run(x, packed, scale, offset, bias, levels, group_size, in_features, backend):
+    """The body of both ops: checks, then the kernel ``backend`` selects for ``x``'s device."""
+    level_set = from_id(levels)
+    _check(x, packed, scale, offset, bias, level_set, group_size, in_features)
+    kernel = resolve(x.device.type, backend)
+    return kernel(x, packed, scale, offset, bias, level_set, group_size, in_features)
+
+
+def _fake(x, packed, scale, offset, bias, levels, group_size, in_features, backend):
+    """Output of both ops for fake/meta tensors: ``[..., N]`` (shapes checked like the real call)."""
+    _check(x, packed, scale, offset, bias, from_id(levels), group_size, in_features)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -95,30 +113,34 @@ pot_linear.register_fake(_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, scale, bias, bits, group_size, in_features, zero_level, _ = inputs
-    ctx.save_for_backward(x, packed, scale)
-    ctx.meta = (bits, group_size, in_features, zero_level, bias is not None)
+    x, packed, scale, offset, bias, levels, group_size, in_features, _ = inputs
+    ctx.save_for_backward(x, packed, scale, offset)
+    ctx.meta = (levels, group_size, in_features, bias is not None, offset is not None)
 
 
 def _backward(ctx, grad):
-    """Gradients for ``x`` (LoRA and QAT train through a frozen packed layer), ``scale`` and ``bias``."""
-    x, packed, scale = ctx.saved_tensors
-    bits, group_size, in_features, zero_level, has_bias = ctx.meta
-    unit = unit_weight(packed, bits, in_features, zero_level)  # [N, K]
-    grad_x = grad_scale = grad_bias = None
+    """Gradients for ``x`` (LoRA and QAT train through a frozen packed layer), ``scale``, ``offset`` and ``bias``."""
+    x, packed, scale, offset = ctx.saved_tensors
+    levels, group_size, in_features, has_bias, has_offset = ctx.meta
+    level_set = from_id(levels)
+    unit = unit_values(unpack(packed, level_set.bits, in_features), level_set)  # [N, K]
+    grad_x = grad_scale = grad_offset = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = (expand_groups(scale.float(), group_size, in_features) * unit).to(grad.dtype)
-        grad_x = grad @ w
-    if ctx.needs_input_grad[2]:
+        w = expand_groups(scale.float(), group_size, in_features) * unit
+        if has_offset:
+            w = w + expand_groups(offset.float(), group_size, in_features)
+        grad_x = grad @ w.to(grad.dtype)
+    if ctx.needs_input_grad[2] or (has_offset and ctx.needs_input_grad[3]):
         g2 = grad.reshape(-1, grad.shape[-1]).float()  # [M, N]
-        gw = g2.t() @ x.reshape(-1, x.shape[-1]).float()  # [N, K]
-        per_col = gw * unit
-        pad = -in_features % group_size
-        per_col = torch.nn.functional.pad(per_col, (0, pad))
-        grad_scale = per_col.reshape(per_col.shape[0], -1, group_size).sum(-1).to(scale.dtype)  # [N, G]
-    if has_bias and ctx.needs_input_grad[3]:
+        x2 = x.reshape(-1, x.shape[-1]).float()  # [M, K]
+        if ctx.needs_input_grad[2]:
+            gw = g2.t() @ x2  # [N, K]
+            grad_scale = group_sum(gw * unit, group_size).to(scale.dtype)  # [N, G]
+        if has_offset and ctx.needs_input_grad[3]:
+            grad_offset = (g2.t() @ group_sum(x2, group_size)).to(offset.dtype)  # [N, G]
+    if has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, grad_scale, grad_bias, None, None, None, None, None
+    return grad_x, None, grad_scale, grad_offset, grad_bias, None, None, None, None
 
 
 pot_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -130,8 +152,8 @@ pot_linear.register_autograd(_backward, setup_context=_setup_context)
 # is needed, so the autograd fallback (a warning, no graph) is never reached.
 _INFER_LIB = torch.library.Library("optimum_pot", "FRAGMENT")
 _INFER_LIB.define(
-    "pot_linear_infer(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int bits, int group_size, "
-    "int in_features, bool zero_level, str backend) -> Tensor"
+    "pot_linear_infer(Tensor x, Tensor packed, Tensor scale, Tensor? offset, Tensor? bias, str levels, "
+    "int group_size, int in_features, str backend) -> Tensor"
 )
 
 _INFER_LIB.impl("pot_linear_infer", _run, "CompositeExplicitAutograd")

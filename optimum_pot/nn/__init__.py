@@ -1,4 +1,4 @@
-"""Modules: the packed ``PoTLinear`` and the in-place model conversion."""
+"""Modules: the packed ``PoTLinear`` and in-place model surgery (imports neither transformers nor hf/ or calibration/)."""
 
+from .convert import dequantize_model, linear_targets, pot_layers, set_backend  # noqa: F401
 from .pot_linear import PoTLinear  # noqa: F401
-from .quantize import dequantize_model, quantize, replace_with_pot_linear, set_backend  # noqa: F401

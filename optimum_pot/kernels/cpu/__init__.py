@@ -6,13 +6,14 @@ Registering is cheap: the C++ source is compiled on the first call, never at imp
 
 from ...library.ops import register_kernel
 from .build import KernelBuildError, load_library
-from .linear import is_available, num_threads, pot_linear_cpu, pot_linear_cpu_int8, set_num_threads
+from .linear import int8_path, is_available, num_threads, pot_linear_cpu, pot_linear_cpu_int8, set_num_threads
 
 register_kernel("cpu", "cpu", pot_linear_cpu, is_available)
 register_kernel("cpu", "cpu_int8", pot_linear_cpu_int8, is_available)
 
 __all__ = [
     "KernelBuildError",
+    "int8_path",
     "is_available",
     "load_library",
     "num_threads",

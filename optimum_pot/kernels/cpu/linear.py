@@ -125,10 +125,11 @@ def _gemm(lib, x2, packed, scale, bias, bits, group_size, in_features, zero_leve
     return (y + bias) if bias is not None else y.contiguous()
 
 
-def _linear(x, packed, scale, bias, bits, group_size, in_features, zero_level, int8: bool) -> torch.Tensor:
+def _linear(x, packed, scale, offset, bias, level_set, group_size, in_features, int8: bool) -> torch.Tensor:
     lib = _library()
-    if lib is None:
-        return pot_linear_reference(x, packed, scale, bias, bits, group_size, in_features, zero_level)
+    if lib is None or level_set.family != "pot" or offset is not None:  # TODO(levels): general tables in C++
+        return pot_linear_reference(x, packed, scale, offset, bias, level_set, group_size, in_features)
+    bits, zero_level = level_set.bits, level_set.zero_level
     # Every conversion is skipped when not needed: at decode time this wrapper's overhead is per layer and token.
     x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()  # [..., K]
     if not packed.is_contiguous():
@@ -152,15 +153,25 @@ def _linear(x, packed, scale, bias, bits, group_size, in_features, zero_level, i
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def pot_linear_cpu(x, packed, scale, bias, bits, group_size, in_features, zero_level) -> torch.Tensor:
+def int8_path(m: int, group_size: int, level_set) -> bool:
+    """Whether ``backend="cpu_int8"`` rounds the activations of an ``[m, K]`` input to int8 (else it computes
+    exactly like ``backend="cpu"``): decode-sized inputs, group sizes that are multiples of 64, an AVX2 CPU and a
+    level set whose levels are small integers after one power-of-two shift (``LevelSet.int8_shift``)."""
+    lib = _library()
+    if lib is None or level_set.family != "pot" or level_set.offset:  # TODO(levels): general tables in C++
+        return False
+    return m <= GEMM_MIN_M and bool(lib.pot_cpu_i8_supported(level_set.bits, group_size))
+
+
+def pot_linear_cpu(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
     """Same contract as :func:`pot_linear_reference`; computes in fp32 and returns ``x.dtype``."""
-    return _linear(x, packed, scale, bias, bits, group_size, in_features, zero_level, int8=False)
+    return _linear(x, packed, scale, offset, bias, level_set, group_size, in_features, int8=False)
 
 
-def pot_linear_cpu_int8(x, packed, scale, bias, bits, group_size, in_features, zero_level) -> torch.Tensor:
+def pot_linear_cpu_int8(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
     """``backend="cpu_int8"``: like :func:`pot_linear_cpu`, but for few rows (decode, ``M <= GEMM_MIN_M``) the
     activations are quantised to int8 per row and 64 columns and the PoT weights applied as integer powers of two
     with int32 accumulation (group sizes that are multiples of 64, AVX2; otherwise, and for
     prefill, the fp32 path). Results differ from the reference by the activation rounding (~0.4 % of a chunk's
     max |x| per element)."""
-    return _linear(x, packed, scale, bias, bits, group_size, in_features, zero_level, int8=True)
+    return _linear(x, packed, scale, offset, bias, level_set, group_size, in_features, int8=True)

@@ -51,7 +51,7 @@ def unavailable_reason(device_type: str) -> str | None:
     return None
 
 
-def pot_linear_triton(x, packed, scale, bias, bits, group_size, in_features, zero_level):
+def pot_linear_triton(x, packed, scale, offset, bias, level_set, group_size, in_features):
     """Kernel entry registered with the op registry: calls the ``optimum_pot::pot_linear_triton`` triton_op."""
     try:
         from . import launch  # noqa: F401  (defines the triton_op on first use)
@@ -59,7 +59,13 @@ def pot_linear_triton(x, packed, scale, bias, bits, group_size, in_features, zer
         raise RuntimeError(f"{INSTALL_HINT} (importing it failed: {err}).") from err
     import torch
 
-    return torch.ops.optimum_pot.pot_linear_triton(x, packed, scale, bias, bits, group_size, in_features, zero_level)
+    if level_set.family != "pot" or offset is not None:  # TODO(levels): two-term decode in the Triton kernels
+        from ...library.reference import pot_linear_reference
+
+        return pot_linear_reference(x, packed, scale, offset, bias, level_set, group_size, in_features)
+    return torch.ops.optimum_pot.pot_linear_triton(
+        x, packed, scale, bias, level_set.bits, group_size, in_features, level_set.zero_level
+    )
 
 
 # Lambdas: availability is looked up at dispatch time (and can be patched in tests).

@@ -11,6 +11,7 @@ every other case (other backends, ``torch.export``, the CPU interpreter) keeps t
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
+from ...format.registry import from_id
 from ...library.ops import pot_linear, resolve
 
 
@@ -34,10 +35,13 @@ def register_decomposition(kernel) -> None:
     """Installs the rule; ``kernel`` is the registered Triton entry (what the registry resolves to on CUDA)."""
 
     def decompose(mode, func, types, args, kwargs):
-        x, backend = args[0], args[8]
-        if _runs_on_triton(x, backend, kernel):
+        x, packed, scale, offset, bias, levels, group_size, in_features, backend = args
+        level_set = from_id(levels)
+        if _runs_on_triton(x, backend, kernel) and level_set.family == "pot" and offset is None:
             with mode:
-                return torch.ops.optimum_pot.pot_linear_triton(*args[:8])
+                return torch.ops.optimum_pot.pot_linear_triton(
+                    x, packed, scale, bias, level_set.bits, group_size, in_features, level_set.zero_level
+                )
         return mode.__torch_dispatch__(func, types, args, kwargs)
 
     pot_linear.register_torch_dispatch(FunctionalTensorMode, decompose)

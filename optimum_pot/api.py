@@ -1,0 +1,71 @@
+"""``optimum_pot.quantize``: quantise any torch model in place (optionally calibrated), outside ``from_pretrained``."""
+
+import torch
+from torch import nn
+
+from .nn.convert import linear_targets, pot_layers
+from .nn.pot_linear import PoTLinear
+
+
+def default_skips(model: nn.Module) -> list[str]:
+    """transformers' defaults (lm_head, tied embeddings) for its models, nothing for other torch models."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        return []
+    return get_keys_to_not_convert(model) if isinstance(model, PreTrainedModel) else []
+
+
+def resolve_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    """The layers ``config`` converts; raises when ``module_bits`` names a module that is not one of them."""
+    skips = config.modules_to_not_convert
+    targets = linear_targets(model, default_skips(model) if skips is None else skips)
+    unknown = config.unknown_module_bits(name for name, _ in targets)
+    if unknown:
+        raise ValueError(
+            f"module_bits names {unknown}, which are not quantised linear layers of this model (a typo, or a module "
+            "in modules_to_not_convert). Use full module names as printed by model.named_modules()."
+        )
+    return targets
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config, dataset=None) -> nn.Module:
+    """Quantises every ``nn.Linear`` and ``Conv1D`` of ``model`` in place to ``PoTLinear``.
+
+    Args:
+        model (`torch.nn.Module`): any float torch model; transformers models also become saveable as ``"pot"``.
+        config (`PoTConfig`): level set, bits, group size, excluded modules, backend.
+        dataset (*optional*): calibration text; overrides ``config.dataset``. With one, the quantised model is
+            calibrated block by block (see docs/calibration.md).
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        ValueError: the model is already quantised (dequantize it, or load the float model, to re-quantise), or
+            ``module_bits`` names unknown modules.
+    """
+    if pot_layers(model):
+        raise ValueError(
+            "quantize: this model already holds PoTLinear layers. Re-quantising would mix two configurations; "
+            "start from the float model, or call model.dequantize() (optimum_pot.dequantize_model) first."
+        )
+    config.post_init()  # fields may have been edited since construction
+    data = dataset if dataset is not None else config.dataset
+    for name, m in resolve_targets(model, config):
+        new = PoTLinear.from_float(m, config.level_set_for(name), config.group_size, config.backend,
+                                   config.grid_points, config.refine_steps, name)  # fmt: skip
+        if data is not None:  # calibration's float target; it drops each one once its block is done
+            new._float_weight = m.weight.detach()
+        model.set_submodule(name, new)
+    from .hf.integration import attach_hf_quantizer
+
+    attach_hf_quantizer(model, config)
+    if data is not None:
+        with torch.enable_grad():
+            from .calibration import calibrate
+
+            calibrate(model, config, data)
+    return model
