@@ -1,13 +1,13 @@
 """The Triton backend on a machine without a GPU.
 
-* ``tests/triton_cases.py`` (kernels == reference for bits 2/3/4, M ∈ {1, 5, 33, 128}, float16/bfloat16, odd K and
-  N, tiny and huge scales) runs in a subprocess under Triton's CPU interpreter: ``TRITON_INTERPRET=1`` has to be
-  set before the kernels are decorated, which this process cannot guarantee.
+* ``tests/triton_cases.py`` (kernels == reference for every registered level set, M ∈ {1, 5, 33, 128},
+  float16/bfloat16, odd K and N, offsets, tiny and huge scales) runs in a subprocess under Triton's CPU interpreter:
+  ``TRITON_INTERPRET=1`` has to be set before the kernels are decorated, which this process cannot guarantee.
 * ``tests/triton_compile_check.py`` runs in a subprocess *without* the interpreter, where the kernels are real
   ``JITFunction``s: lazy import, ``torch.compile`` tracing into the kernels (the ``triton_op``) and ahead-of-time
   compilation to sm_80/sm_90 cubins; none of it needs a GPU, only running does.
-* Error messages and the benchmark's no-GPU exit run here. The two subprocesses start together (one fixture) so
-  that they overlap on the CI's two cores.
+* The level sets' kernel descriptors (pure Python), error messages and the benchmark's no-GPU exit run here. The
+  two subprocesses start together (one fixture) so that they overlap on the CI's two cores.
 """
 
 import importlib.util
@@ -18,8 +18,14 @@ import sys
 import pytest
 import torch
 
+from optimum_pot.format.level_set import LevelSet
 from optimum_pot.format.packing import pack
+from optimum_pot.format.registry import get_level_set
+from optimum_pot.kernels.triton import tables
 from optimum_pot.library.ops import pot_linear
+from optimum_pot.library.reference import pot_linear_reference
+
+from .level_sets import ALL_LEVEL_SETS, ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -74,18 +80,48 @@ def test_lazy_import_tracing_and_ahead_of_time_gpu_compile(triton_runs):
     lines = out.splitlines()
     assert "lazy import ok" in lines and "torch.compile traces ok" in lines
     assert "pot_linear decomposes into the kernels on CUDA ok" in lines
-    assert sum(line.startswith("compiled ") for line in lines) == 6, out
+    assert sum(line.startswith("compiled ") for line in lines) == 11, out
+    assert any(line.startswith("compiled gemm fp16 sp2:4:offset") for line in lines)  # two terms with offsets
 
 
-def tiny_args():
-    packed = pack(torch.zeros(4, 16, dtype=torch.uint8), 4)
-    return torch.ones(2, 16), packed, torch.ones(4, 1, dtype=torch.float16), None, 4, 16, 16, True
+def tiny_args(level_set=None):
+    level_set = level_set or get_level_set("pot", 4)
+    packed = pack(torch.zeros(4, 16, dtype=torch.uint8), level_set.bits)
+    return torch.ones(2, 16), packed, torch.ones(4, 1, dtype=torch.float16), None, None, level_set, 16, 16
+
+
+@pytest.mark.parametrize("ls", ALL_LEVEL_SETS, ids=ids)
+def test_descriptors_hold_every_level_exactly(ls):
+    """Each code's descriptor stands for its level (the kernels' TERMS per level), and float16 scales need no
+    exponent guard with any registered level set."""
+    terms = ls.max_terms
+    assert terms in (1, 2) and tables.unsupported_reason(ls) is None and tables.half_safe(ls)
+    descriptors = tables.descriptors(ls)
+    assert len(descriptors) == 1 << ls.bits and all(-(2**31) <= d < 2**31 for d in descriptors)
+    assert [tables.decode_descriptor(d, terms) for d in descriptors] == list(ls.values)
+    if terms == 2:  # no zero flag: every code is two exponent-field adds
+        assert all(0 <= d < 1 << 18 for d in descriptors)
+
+
+@needs_triton
+@pytest.mark.parametrize("values,reason", [((0.0, 2.0**-130, 1.0, -1.0), "normal range"),
+                                           ((0.0, 1.0, 2.0**24 + 1, -1.0), "not exact in float32")])  # fmt: skip
+def test_level_sets_beyond_the_descriptors_use_the_reference(values, reason):
+    """A (hypothetical) family whose terms leave float32's exponent range or are too far apart to be exact."""
+    from optimum_pot.kernels import triton as backend
+
+    ls = LevelSet("wide", 2, values)
+    assert reason in (tables.unsupported_reason(ls) or "")
+    packed = pack(torch.arange(4, dtype=torch.uint8).repeat(4, 4), 2)  # [4, 16]: every code in every row
+    args = (torch.randn(2, 16), packed, torch.ones(4, 1, dtype=torch.float16), None, None, ls, 16, 16)
+    torch.testing.assert_close(backend.pot_linear_triton(*args), pot_linear_reference(*args), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter makes triton usable on CPU")
 def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error():
+    x, packed, scale, offset, bias, ls, group, k = tiny_args()
     with pytest.raises(RuntimeError, match="'triton' is not available for cpu"):
-        pot_linear(*tiny_args(), "triton")
+        pot_linear(x, packed, scale, offset, bias, ls.id, group, k, "triton")
 
 
 def test_unavailable_reasons_name_the_fix(monkeypatch):

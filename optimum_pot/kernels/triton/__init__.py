@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 from ...library.ops import register_kernel, register_unavailable_reason
+from .tables import unsupported_reason
 from .tracing import register_decomposition
 
 INSTALL_HINT = "backend='triton' needs `pip install triton`"
@@ -52,19 +53,23 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def pot_linear_triton(x, packed, scale, offset, bias, level_set, group_size, in_features):
-    """Kernel entry registered with the op registry: calls the ``optimum_pot::pot_linear_triton`` triton_op."""
+    """Kernel entry registered with the op registry: calls the ``optimum_pot::pot_linear_triton`` triton_op.
+
+    Every registered level set decodes in the kernels; one whose terms the descriptors cannot hold exactly
+    (:func:`.tables.unsupported_reason`, beyond float32's exponent range: no registered family) uses the reference.
+    """
     try:
         from . import launch  # noqa: F401  (defines the triton_op on first use)
     except ImportError as err:
         raise RuntimeError(f"{INSTALL_HINT} (importing it failed: {err}).") from err
     import torch
 
-    if level_set.family != "pot" or offset is not None:  # TODO(levels): two-term decode in the Triton kernels
+    if unsupported_reason(level_set) is not None:
         from ...library.reference import pot_linear_reference
 
         return pot_linear_reference(x, packed, scale, offset, bias, level_set, group_size, in_features)
     return torch.ops.optimum_pot.pot_linear_triton(
-        x, packed, scale, bias, level_set.bits, group_size, in_features, level_set.zero_level
+        x, packed, scale, offset, bias, level_set.id, group_size, in_features
     )
 
 

@@ -1,26 +1,31 @@
 """In-register decoding of packed weight tiles, shared by every Triton kernel here.
 
-PoT decode is PoTPTQ's fixed-point addition: ``s · (−1)^p · 2^(−e)`` is built by subtracting ``e`` from the
-exponent field of the scale's bit pattern and XOR-ing ``p`` into its sign bit; no multiply, no int→float convert.
-The arithmetic runs on the float32 bit pattern of the scale (8 exponent bits), not the float16 one, and the result is
-then rounded once to the activation dtype, exactly like the reference (decode in float32, cast). Why this is safe:
+Decode is PoTPTQ's fixed-point addition, generalised to any registered level set: a level is at most two signed
+powers of two, and ``s · (±2^e)`` is built by adding ``e`` to the exponent field of the scale's bit pattern and
+flipping its sign bit, one integer add per term with the term's packed descriptor (kernels/triton/tables.py, loaded
+by code); a two-term level adds the two terms' floats. No per-weight multiply, no int→float convert. The arithmetic
+runs on the float32 bit pattern of the scale (8 exponent bits), not the float16 one; the float32 result (plus the
+group's offset, a float32 add as in the reference) is then rounded once to the activation dtype. Why this is exact:
 
-* A float16 scale, even a subnormal one (down to 2^-24), is a *normal* float32 with exponent field ≥ 127 − 24 = 103,
-  and ``e ≤ 7``, so the field never underflows; the largest float16 (65504) only shrinks. The shifted value is the
-  exact float32 ``s·2^-e``; when it is below float16's range the final cast rounds it correctly (to a float16
-  subnormal or zero) instead of wrapping the exponent field, which is what a float16 bit trick would do.
-* The only float16 scale whose field is ≤ ``e`` is ±0 (an all-zero group); it is selected to 0.
-* Scales in bfloat16 or float32 can be float32-subnormal or tiny enough to underflow; for those
-  (``SCALE_IS_HALF=False``) the guarded lanes fall back to a multiply by ``2^-e``, which is exact in float32.
+* A float16 scale, even a subnormal one (down to 2^-24), is a *normal* float32 with exponent field 103…142; a term
+  exponent in ``tables.HALF_SAFE_EXPONENTS`` (−102…112; registered families use −7…3) keeps the field in 1…254, so
+  each term is the exact float32 ``s·2^e`` and the sum of two is rounded once, as the reference's ``s·L`` is. Results
+  below or above float16's range are rounded by the final cast (to a subnormal, zero or inf), like the reference,
+  instead of wrapping the exponent field, which a float16 bit trick would do.
+* The only float16 scale outside those fields is ±0 (an all-zero group): it is selected to 0.
+* Otherwise (``HALF_SAFE=False``: bfloat16/float32 scales, which can be float32-subnormal, tiny or huge, or terms
+  beyond those exponents) lanes whose fields would leave 1…254 fall back to ``s · L`` by a multiply, exact like the
+  reference's.
 
-See docs/gpu_kernel.md.
+Scales are assumed finite on the unguarded path (checkpoints are checked on load). See docs/gpu_kernel.md.
 """
 
 import triton
 import triton.language as tl
 
-MODE_POT = 0
-MODE_UNIFORM = 1
+MODE_LEVELS = 0  # s · L[code] (+ z): every registered level set
+MODE_UNIFORM = 1  # (q − z) · s: the uniform int baseline of the benchmark
+ONE_BITS: tl.constexpr = tl.constexpr(0x3F800000)  # float32 1.0: decoding a term on it gives the unit term ±2^e
 
 
 @triton.jit
@@ -44,22 +49,39 @@ def load_codes(w_ptr, w_stride, offs_n, k0, N, K, BITS: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def pot_decode(codes, scale, BITS: tl.constexpr, ZERO_LEVEL: tl.constexpr, SCALE_IS_HALF: tl.constexpr):
-    """``scale · (−1)^p · 2^(−e)`` in float32 by exponent-field subtraction and sign XOR (``scale`` is float32)."""
-    e_mask: tl.constexpr = (1 << (BITS - 1)) - 1
-    e = codes & e_mask
-    sign = (codes >> (BITS - 1)) & 1
+def term_value(s_bits, field):
+    """``s · (±2^e)`` for the 9-bit term ``field`` (low bits of ``field``): one add into the exponent and sign bits."""
+    return ((field << 23) + s_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def level_decode(codes, scale, t_ptr, TERMS: tl.constexpr, HALF_SAFE: tl.constexpr):
+    """``scale · L[code]`` in float32 by exponent-field adds (``scale`` float32, ``t_ptr`` the descriptors).
+
+    One term (``TERMS = 1``) is one integer add; two are two adds and one float add, which rounds the exact
+    ``s·2^a ± s·2^b`` once, exactly like the reference's float32 ``s · L``. Guards: see the module docstring.
+    """
+    d = tl.load(t_ptr + codes)  # [BN, BK] int32 descriptors (kernels/triton/tables.py)
     s_bits = scale.to(tl.int32, bitcast=True)
-    w = ((s_bits - (e << 23)) ^ (sign << 31)).to(tl.float32, bitcast=True)
-    # Lanes whose exponent field would underflow: only ±0 for float16 scales (see the module docstring).
-    tiny = ((s_bits >> 23) & 0xFF) <= e
-    if SCALE_IS_HALF:
-        w = tl.where(tiny, 0.0, w)
+    w = term_value(s_bits, d)
+    if TERMS == 2:
+        w += term_value(s_bits, d >> 9)
+    field = (s_bits >> 23) & 0xFF  # the scale's float32 exponent field
+    if HALF_SAFE:
+        w = tl.where(field == 0, 0.0, w)  # the zero scale: the only float16 scale outside the safe fields
     else:
-        signed = tl.where(sign == 1, -scale, scale)
-        w = tl.where(tiny, signed * tl.exp2(-e.to(tl.float32)), w)
-    if ZERO_LEVEL:
-        w = tl.where(e == e_mask, 0.0, w)
+        # Lanes whose exponent fields would leave the normal range (or start outside it): ``s · L`` by a multiply,
+        # with ``L`` itself decoded from the bits of 1.0 (exact: every term is a normal float32 power of two).
+        e = (d << 24) >> 24  # the first term's exponent (sign-extended low 8 bits)
+        bad = (field == 0) | (field == 255) | (field + e < 1) | (field + e > 254)
+        unit = term_value(ONE_BITS, d)
+        if TERMS == 2:
+            e = (d << 15) >> 24
+            bad = bad | (field + e < 1) | (field + e > 254)
+            unit += term_value(ONE_BITS, d >> 9)
+        w = tl.where(bad, scale * unit, w)
+    if TERMS == 1:
+        w = tl.where(d < 0, 0.0, w)  # the zero level (bit 31)
     return w
 
 
@@ -126,6 +148,7 @@ def weight_tile(
     w_ptr,
     s_ptr,
     z_ptr,
+    t_ptr,
     offs_n,
     k0,
     N,
@@ -134,22 +157,28 @@ def weight_tile(
     s_stride,
     GROUP: tl.constexpr,
     BITS: tl.constexpr,
-    ZERO_LEVEL: tl.constexpr,
-    SCALE_IS_HALF: tl.constexpr,
+    TERMS: tl.constexpr,
+    HALF_SAFE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     MODE: tl.constexpr,
     INTERPRETED: tl.constexpr,
     BK: tl.constexpr,
 ):
     """Decoded weight tile ``W[offs_n, k0 : k0+BK]`` ``[BN, BK]`` in float32.
 
-    Rows ``≥ N`` decode to 0; columns ``≥ K`` hold padding codes whose products the callers mask (their
-    activations are loaded as 0, their stores are masked).
+    ``z_ptr`` holds the offsets (``HAS_OFFSET``) or the uniform baseline's zero points; ``t_ptr`` the level set's
+    descriptors. Rows ``≥ N`` decode to 0; columns ``≥ K`` hold padding codes whose products the callers mask
+    (their activations are loaded as 0, their stores are masked).
     """
     codes = load_codes(w_ptr, w_stride, offs_n, k0, N, K, BITS, BK)
     scale = load_group_values(s_ptr, s_stride, offs_n, k0, N, K, GROUP, BK, INTERPRETED)
+    if HAS_OFFSET or MODE == 1:
+        # Loaded before the descriptors are gathered: ptxas then needs fewer registers (sm_90, measured AOT).
+        z = load_group_values(z_ptr, s_stride, offs_n, k0, N, K, GROUP, BK, INTERPRETED)
     if MODE == 0:
-        w = pot_decode(codes, scale, BITS, ZERO_LEVEL, SCALE_IS_HALF)
+        w = level_decode(codes, scale, t_ptr, TERMS, HALF_SAFE)
+        if HAS_OFFSET:
+            w += z  # float32, as the reference adds it; then the caller rounds once to the activation dtype
     else:
-        zero = load_group_values(z_ptr, s_stride, offs_n, k0, N, K, GROUP, BK, INTERPRETED)
-        w = uniform_decode(codes, scale, zero)
+        w = uniform_decode(codes, scale, z)
     return w

@@ -13,9 +13,12 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ...format.levels import SUPPORTED_BITS, num_groups
+from ...format.groups import num_groups
+from ...format.level_set import SUPPORTED_BITS, LevelSet
 from ...format.packing import packed_row_bytes
-from .dequant import MODE_POT, MODE_UNIFORM
+from ...format.registry import from_id
+from . import tables
+from .dequant import MODE_LEVELS, MODE_UNIFORM
 from .matmul import dequant_kernel, gemm_kernel, gemv_kernel
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,38 +26,61 @@ GEMV_MAX_M = 8  # up to this many rows, the split-K GEMV beats padding a 16-row 
 GEMV_TARGET_PROGRAMS = 512  # enough programs to fill a large GPU when N alone is too small
 # Decided when the kernels were decorated (this import): the interpreter needs bfloat16 work-arounds, see dequant.py.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+_TABLES: dict[tuple[LevelSet, torch.device], torch.Tensor] = {}  # (level set, device) -> descriptors, built once
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A packed weight and how to decode it (``zero`` is the uniform baseline's zero point, else ``None``)."""
+    """A packed weight and how to decode it.
+
+    ``uniform=True`` is the benchmark's baseline: ``(q − offset)·s`` with ``offset`` the zero points (the level set
+    then only gives the bits).
+    """
 
     packed: torch.Tensor  # uint8 [N, ceil(K/8)·bits]
     scale: torch.Tensor  # [N, G]
-    zero: torch.Tensor | None  # [N, G] or None
-    bits: int
+    offset: torch.Tensor | None  # [N, G] or None
+    level_set: LevelSet
     group_size: int
     in_features: int
-    zero_level: bool
+    uniform: bool = False
 
     @property
-    def mode(self) -> int:
-        return MODE_POT if self.zero is None else MODE_UNIFORM
+    def bits(self) -> int:
+        return self.level_set.bits
 
     def kernel_args(self) -> tuple:
-        """Tensor arguments shared by every kernel: ``(w_ptr, s_ptr, z_ptr)``."""
-        return self.packed, self.scale, self.scale if self.zero is None else self.zero
+        """Tensor arguments shared by every kernel: ``(w_ptr, s_ptr, z_ptr, t_ptr)``."""
+        z = self.scale if self.offset is None else self.offset  # unread without offsets
+        t = self.scale if self.uniform else level_table(self.level_set, self.packed)  # unread when uniform
+        return self.packed, self.scale, z, t
 
     def meta(self) -> dict:
         """Constexpr arguments shared by every kernel."""
         return dict(
             GROUP=self.group_size,
             BITS=self.bits,
-            ZERO_LEVEL=self.zero_level,
-            SCALE_IS_HALF=self.scale.dtype == torch.float16,
-            MODE=self.mode,
+            TERMS=self.level_set.max_terms,  # 1 or 2 (LevelSet.MAX_TERMS)
+            HALF_SAFE=self.scale.dtype == torch.float16 and tables.half_safe(self.level_set),
+            HAS_OFFSET=self.offset is not None and not self.uniform,
+            MODE=MODE_UNIFORM if self.uniform else MODE_LEVELS,
             INTERPRETED=INTERPRETED,
         )
+
+
+def level_table(level_set: LevelSet, like: torch.Tensor) -> torch.Tensor:
+    """The level set's descriptors (int32 ``[2^bits]``, kernels/triton/tables.py) on ``like``'s device.
+
+    Cached per device for eager calls; built afresh while tracing (fake or functional tensors: ``torch.compile``
+    records it as a graph constant).
+    """
+    if type(like) not in (torch.Tensor, torch.nn.Parameter):
+        return torch.tensor(tables.descriptors(level_set), dtype=torch.int32, device=like.device)
+    key = (level_set, like.device)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = torch.tensor(tables.descriptors(level_set), dtype=torch.int32, device=like.device)
+    return table
 
 
 def _check(weight: PackedWeight, x: torch.Tensor | None) -> None:
@@ -62,6 +88,9 @@ def _check(weight: PackedWeight, x: torch.Tensor | None) -> None:
     w = weight
     if w.bits not in SUPPORTED_BITS:
         raise ValueError(f"The Triton PoT kernels support bits in {SUPPORTED_BITS}, got bits={w.bits}.")
+    reason = tables.unsupported_reason(w.level_set)
+    if reason is not None and not w.uniform:
+        raise ValueError(f"The Triton kernels cannot decode level set {w.level_set.id} ({reason}); use the reference.")
     if w.packed.dtype != torch.uint8 or w.packed.dim() != 2:
         raise ValueError(f"Packed weights must be a 2-D uint8 tensor, got {w.packed.dtype} {tuple(w.packed.shape)}.")
     n = w.packed.shape[0]
@@ -71,14 +100,13 @@ def _check(weight: PackedWeight, x: torch.Tensor | None) -> None:
             f"needs {packed_row_bytes(w.in_features, w.bits)}. Re-pack it with optimum_pot.format.packing.pack."
         )
     expected = (n, num_groups(w.in_features, w.group_size))
-    if tuple(w.scale.shape) != expected or not w.scale.is_floating_point():
-        raise ValueError(
-            f"Scales must be a float tensor of shape {expected}, got {w.scale.dtype} {tuple(w.scale.shape)}."
-        )
-    if w.zero is not None and tuple(w.zero.shape) != expected:
-        raise ValueError(f"Zero points must match the scales' shape {expected}, got {tuple(w.zero.shape)}.")
+    for what, t in (("Scales", w.scale), ("Offsets", w.offset)):
+        if t is not None and (tuple(t.shape) != expected or not t.is_floating_point()):
+            raise ValueError(f"{what} must be a float tensor of shape {expected}, got {t.dtype} {tuple(t.shape)}.")
+    if (w.offset is not None) != (w.level_set.offset or w.uniform):
+        raise ValueError(f"Level set {w.level_set.id} {'needs' if w.level_set.offset else 'takes no'} offsets.")
     if x is not None:
-        devices = {t.device for t in (x, w.packed, w.scale, w.zero) if t is not None}
+        devices = {t.device for t in (x, w.packed, w.scale, w.offset) if t is not None}
         if len(devices) > 1:
             raise ValueError(f"Activations and weights must be on one device, got {sorted(map(str, devices))}.")
         if x.dtype not in ACTIVATION_DTYPES:
@@ -195,9 +223,10 @@ def linear(
 
 
 def _contiguous(w: PackedWeight) -> PackedWeight:
-    """Dense rows for the packed codes, and scales and zero points sharing one row stride."""
-    zero = None if w.zero is None else w.zero.contiguous()
-    return PackedWeight(_rows(w.packed), w.scale.contiguous(), zero, w.bits, w.group_size, w.in_features, w.zero_level)
+    """Dense rows for the packed codes, and scales and offsets sharing one row stride."""
+    offset = None if w.offset is None else w.offset.contiguous()
+    return PackedWeight(_rows(w.packed), w.scale.contiguous(), offset, w.level_set, w.group_size, w.in_features,
+                        w.uniform)  # fmt: skip
 
 
 def dequantize(weight: PackedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -219,11 +248,12 @@ def pot_linear_triton(
     x: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
+    offset: torch.Tensor | None,
     bias: torch.Tensor | None,
-    bits: int,
+    levels: str,
     group_size: int,
     in_features: int,
-    zero_level: bool,
 ) -> torch.Tensor:
-    """The Triton implementation of ``optimum_pot::pot_linear`` (same arguments as the reference, no backend)."""
-    return linear(x, PackedWeight(packed, scale, None, bits, group_size, in_features, zero_level), bias)
+    """The Triton implementation of ``optimum_pot::pot_linear`` (same arguments, ``levels`` the level-set id, no
+    backend)."""
+    return linear(x, PackedWeight(packed, scale, offset, from_id(levels), group_size, in_features), bias)

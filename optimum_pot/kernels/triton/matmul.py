@@ -1,8 +1,9 @@
-"""Triton kernels: split-K GEMV (small M), tiled GEMM and dequantise-only, for PoT or uniform int weights.
+"""Triton kernels: split-K GEMV (small M), tiled GEMM and dequantise-only, for any level set or uniform int weights.
 
 All three read the canonical packed layout directly (``[N, ceil(K/8)·bits]`` uint8, see format/packing.py) and
-decode in registers with :func:`dequant.weight_tile`; ``MODE`` picks PoT (0) or the uniform ``(q − z)·s`` baseline (1),
-so the benchmark compares the two decodes inside otherwise identical kernels. Accumulation is float32. The decoded
+decode in registers with :func:`dequant.weight_tile`; ``MODE`` picks the level-set decode (0: exponent-field adds,
+``TERMS`` per level, plus the offset when ``HAS_OFFSET``) or the uniform ``(q − z)·s`` baseline (1), so the benchmark
+compares the decodes inside otherwise identical kernels. Accumulation is float32. The decoded
 weight is rounded to the activation dtype before it is multiplied, as in the reference.
 """
 
@@ -18,6 +19,7 @@ def gemm_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    t_ptr,
     b_ptr,
     y_ptr,
     M,
@@ -28,8 +30,9 @@ def gemm_kernel(
     s_stride,
     GROUP: tl.constexpr,
     BITS: tl.constexpr,
-    ZERO_LEVEL: tl.constexpr,
-    SCALE_IS_HALF: tl.constexpr,
+    TERMS: tl.constexpr,
+    HALF_SAFE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FP32_DOT: tl.constexpr,
@@ -58,8 +61,8 @@ def gemm_kernel(
         x_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * x_stride + offs_k[None, :], mask=x_mask, other=0.0)
         w = weight_tile(  # [BN, BK] float32
-            w_ptr, s_ptr, z_ptr, offs_n, k0, N, K, w_stride, s_stride, GROUP, BITS, ZERO_LEVEL, SCALE_IS_HALF, MODE,
-            INTERPRETED, BK,
+            w_ptr, s_ptr, z_ptr, t_ptr, offs_n, k0, N, K, w_stride, s_stride, GROUP, BITS, TERMS, HALF_SAFE,
+            HAS_OFFSET, MODE, INTERPRETED, BK,
         )  # fmt: skip
         acc = dot_acc(x, round_to(w, x.dtype, INTERPRETED), acc, FP32_DOT, INTERPRETED)  # w: [BN, BK]
     if HAS_BIAS:
@@ -78,6 +81,7 @@ def gemv_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    t_ptr,
     b_ptr,
     y_ptr,
     M,
@@ -89,8 +93,9 @@ def gemv_kernel(
     s_stride,
     GROUP: tl.constexpr,
     BITS: tl.constexpr,
-    ZERO_LEVEL: tl.constexpr,
-    SCALE_IS_HALF: tl.constexpr,
+    TERMS: tl.constexpr,
+    HALF_SAFE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -116,8 +121,8 @@ def gemv_kernel(
         x_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=x_mask, other=0.0)
         w = weight_tile(  # [BN, BK] float32
-            w_ptr, s_ptr, z_ptr, offs_n, k0, N, K, w_stride, s_stride, GROUP, BITS, ZERO_LEVEL, SCALE_IS_HALF, MODE,
-            INTERPRETED, BK,
+            w_ptr, s_ptr, z_ptr, t_ptr, offs_n, k0, N, K, w_stride, s_stride, GROUP, BITS, TERMS, HALF_SAFE,
+            HAS_OFFSET, MODE, INTERPRETED, BK,
         )  # fmt: skip
         w = to_float32(
             round_to(w, x.dtype, INTERPRETED), INTERPRETED
@@ -139,6 +144,7 @@ def dequant_kernel(
     w_ptr,
     s_ptr,
     z_ptr,
+    t_ptr,
     out_ptr,
     N,
     K,
@@ -146,8 +152,9 @@ def dequant_kernel(
     s_stride,
     GROUP: tl.constexpr,
     BITS: tl.constexpr,
-    ZERO_LEVEL: tl.constexpr,
-    SCALE_IS_HALF: tl.constexpr,
+    TERMS: tl.constexpr,
+    HALF_SAFE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     MODE: tl.constexpr,
     INTERPRETED: tl.constexpr,
     BN: tl.constexpr,
@@ -158,8 +165,8 @@ def dequant_kernel(
     k0 = tl.program_id(1) * BK
     offs_k = k0 + tl.arange(0, BK)
     w = weight_tile(  # [BN, BK] float32
-        w_ptr, s_ptr, z_ptr, offs_n, k0, N, K, w_stride, s_stride, GROUP, BITS, ZERO_LEVEL, SCALE_IS_HALF, MODE,
-        INTERPRETED, BK,
+        w_ptr, s_ptr, z_ptr, t_ptr, offs_n, k0, N, K, w_stride, s_stride, GROUP, BITS, TERMS, HALF_SAFE, HAS_OFFSET,
+        MODE, INTERPRETED, BK,
     )  # fmt: skip
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     tl.store(
