@@ -23,8 +23,24 @@ from bench_models import gemma3_checkpoint, minilm_checkpoint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "test.txt")
-NF4 = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407,
-       0.5626, 0.7230, 1.0)  # fmt: skip  (bitsandbytes' NF4: the not-multiply-free reference)
+NF4 = (
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+)  # fmt: skip  (bitsandbytes' NF4: the not-multiply-free reference)
 
 # Candidate tables besides the registered families: name -> {bits: values}. Integers (the scale absorbs the unit),
 # each a sum of at most two signed powers of two and at most 128 in magnitude (the int8 CPU path).
@@ -55,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--grid-points", type=int, default=16)
     p.add_argument("--refine-steps", type=int, default=2)
     p.add_argument("--alpha-min", type=float, default=0.5)
+    p.add_argument("--free-offset", action="store_true", help="offsets need not put a level on zero")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     p.add_argument("--smoke", action="store_true", help="2 windows, 2 layers, 4 bits: checks the pipeline")
     p.add_argument("--threads", type=int, default=2)
@@ -123,7 +140,7 @@ def fake_quantize_model(model, ls, args) -> float:
             continue
         w = m.weight.data.float()
         s, z = search_scales(w, ls, args.group_size, args.grid_points, refine_steps=args.refine_steps,
-                             alpha_min=args.alpha_min)
+                             alpha_min=args.alpha_min, exact_zero=not args.free_offset)  # fmt: skip
         sf = expand_groups(s, args.group_size, w.shape[1])
         zf = None if z is None else expand_groups(z, args.group_size, w.shape[1])
         q = nearest_levels(unit_ratio(w, sf, zf), ls) * sf + (0 if zf is None else zf)

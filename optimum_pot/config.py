@@ -62,6 +62,18 @@ class PoTConfig(QuantizationConfigMixin):
         calibration_batch_size (`int`, *optional*, defaults to 1): calibration samples per optimiser step.
         act_weighted_init (`bool`, *optional*, defaults to `True`): before calibration, re-run the scale search
             with each column's error weighted by its mean squared activation.
+        rounding (`str`, *optional*, defaults to `"gptq"`): how calibration picks codes: ``"gptq"`` (error-feedback
+            rounding through each layer's input Hessian) or ``"nearest"`` (nearest level; scales learned by step 2).
+        damp_percent (`float`, *optional*, defaults to 0.01): ``"gptq"``: damping added to the Hessian's diagonal,
+            as a fraction of its mean (> 0).
+        act_order (`bool`, *optional*, defaults to `True`): ``"gptq"``: round columns by decreasing input energy.
+        gptq_block_size (`int`, *optional*, defaults to 128): ``"gptq"``: columns per lazy batch update.
+        group_scales (`str`, *optional*, defaults to `"static"`): ``"gptq"``: group scales searched before rounding
+            (``"static"``) or re-searched as each group's columns are reached (``"dynamic"``).
+        refine_scales (`bool`, *optional*): run PoTPTQ step 2 (learned scale residual, ``epochs`` passes) after the
+            rounding. `None`: only with ``rounding="nearest"``.
+        bit_budget (`float`, *optional*): average code bits per weight; calibration then chooses each layer's bits
+            (2/3/4) from its measured sensitivity and writes them into ``module_bits``.
         format_version (`int`, *optional*): on-disk format version; set when saving, checked when loading.
     """
 
@@ -86,6 +98,13 @@ class PoTConfig(QuantizationConfigMixin):
         reg_lambda: float = 1e-4,
         calibration_batch_size: int = 1,
         act_weighted_init: bool = True,
+        rounding: str = "gptq",
+        damp_percent: float = 0.01,
+        act_order: bool = True,
+        gptq_block_size: int = 128,
+        group_scales: str = "static",
+        refine_scales: bool | None = None,
+        bit_budget: float | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -110,6 +129,13 @@ class PoTConfig(QuantizationConfigMixin):
         self.reg_lambda = reg_lambda
         self.calibration_batch_size = calibration_batch_size
         self.act_weighted_init = act_weighted_init
+        self.rounding = rounding
+        self.damp_percent = damp_percent
+        self.act_order = act_order
+        self.gptq_block_size = gptq_block_size
+        self.group_scales = group_scales
+        self.refine_scales = refine_scales
+        self.bit_budget = bit_budget
         self.format_version = format_version
         for key, value in kwargs.items():  # forward-compatible extra fields (e.g. perplexity notes)
             setattr(self, key, value)
@@ -141,12 +167,12 @@ class PoTConfig(QuantizationConfigMixin):
         for name in ("zero_level", "offset"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True, False or None, got {getattr(self, name)!r}.")
+        if self.module_bits is not None and not isinstance(self.module_bits, dict):
+            raise ValueError(f"module_bits must be a dict {{module name: bits}}, got {self.module_bits!r}.")
         self.level_set_for("")  # the family exists at these bits with these options (raises naming why)
         check_backend(self.backend)
         _check_names("modules_to_not_convert", self.modules_to_not_convert)
         if self.module_bits is not None:
-            if not isinstance(self.module_bits, dict):
-                raise ValueError(f"module_bits must be a dict {{module name: bits}}, got {self.module_bits!r}.")
             _check_names("module_bits", list(self.module_bits))
             for name, b in self.module_bits.items():
                 _check_int(f"module_bits[{name!r}]", b, (2, 3, 4))
@@ -160,6 +186,9 @@ class PoTConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a number {'> 0' if low is None else '>= 0'}, got {v!r}.")
         if not isinstance(self.act_weighted_init, bool):
             raise ValueError(f"act_weighted_init must be True or False, got {self.act_weighted_init!r}.")
+        from .calibration.options import check_calibration_fields
+
+        check_calibration_fields(self)
 
     def bits_for(self, module_name: str) -> int:
         """Bit width of ``module_name``: its ``module_bits`` override, else ``bits``."""

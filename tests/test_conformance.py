@@ -52,8 +52,8 @@ def test_kernel_equals_reference(ls, backend, m):
         x = torch.randn(m, 200)
         with torch.no_grad():
             y = q(x)
-            ref = pot_linear_reference(spec[0](x, m, group, ls), q.weight, q.weight_scale, q.weight_offset, q.bias, ls, group,
-                                       200)  # fmt: skip
+            xr = spec[0](x, m, group, ls)
+            ref = pot_linear_reference(xr, q.weight, q.weight_scale, q.weight_offset, q.bias, ls, group, 200)
         torch.testing.assert_close(y, ref, rtol=spec[1], atol=spec[2] * ref.abs().max().item())
 
 
@@ -67,8 +67,8 @@ def test_kernel_dtypes_and_shapes(ls, backend):
         x = torch.randn(2, 3, 128, dtype=dtype)
         with torch.no_grad():
             y = q(x)
-            ref = pot_linear_reference(SPECS[backend][0](x.float(), 6, 64, ls), q.weight, q.weight_scale, q.weight_offset,
-                                       None, ls, 64, 128)  # fmt: skip
+            xr = SPECS[backend][0](x.float(), 6, 64, ls)
+            ref = pot_linear_reference(xr, q.weight, q.weight_scale, q.weight_offset, None, ls, 64, 128)
         assert y.dtype == dtype and y.shape == (2, 3, 24)
         torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 

@@ -6,10 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from .conftest import REPO, make_tiny_gpt2, make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from optimum_pot import PoTConfig, PoTLinear
+
+from .conftest import REPO, make_tiny_gpt2, make_tiny_llama
 
 FORMAT_DOC = os.path.join(REPO, "docs", "format.md")
 
@@ -26,14 +27,17 @@ def doc_reader():
 
 
 @pytest.mark.parametrize(
-    "kind, bits, group_size, zero_level",
-    [("llama", 4, 32, True), ("llama", 3, 64, True), ("llama", 2, 16, False), ("gpt2", 3, 48, True)],
-    ids=["llama-4bit-g32", "llama-3bit-g64", "llama-2bit-g16-nozero", "gpt2-3bit-g48"],
-)
-def test_doc_reader_matches_pot_linear(kind, bits, group_size, zero_level, tmp_path):
+    "kind, bits, group_size, levels",
+    [("llama", 4, 32, {}), ("llama", 3, 64, {"levels": "pot"}),
+     ("llama", 2, 16, {"levels": "pot", "zero_level": False}), ("gpt2", 3, 48, {"levels": "int"}),
+     ("llama", 4, 128, {"levels": "sp2", "offset": False})],
+    ids=["llama-sp2-4bit-g32", "llama-pot-3bit-g64", "llama-pot-2bit-g16-nozero", "gpt2-int-3bit-g48",
+         "llama-sp2-nooffset-g128"],
+)  # fmt: skip
+def test_doc_reader_matches_pot_linear(kind, bits, group_size, levels, tmp_path):
     make = make_tiny_llama if kind == "llama" else make_tiny_gpt2
     make().save_pretrained(tmp_path / "float")
-    config = PoTConfig(bits=bits, group_size=group_size, zero_level=zero_level)
+    config = PoTConfig(bits=bits, group_size=group_size, **levels)
     AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config).save_pretrained(tmp_path / "q")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     read_pot_layer = doc_reader()
@@ -41,7 +45,16 @@ def test_doc_reader_matches_pot_linear(kind, bits, group_size, zero_level, tmp_p
     assert layers
     for name, module in layers:
         expected = module.dequantize_weight(torch.float32).detach().numpy()
-        np.testing.assert_array_equal(read_pot_layer(str(tmp_path / "q"), name, module.in_features), expected)
+        np.testing.assert_array_equal(read_pot_layer(str(tmp_path / "q"), name), expected)
+
+
+def test_doc_reader_reads_version_1():
+    path = os.path.join(REPO, "tests", "fixtures", "pot_v1_tiny_llama")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    read_pot_layer = doc_reader()
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, PoTLinear)]:
+        expected = module.dequantize_weight(torch.float32).detach().numpy()
+        np.testing.assert_array_equal(read_pot_layer(path, name, module.in_features), expected)
 
 
 def test_doc_reader_reads_sharded_checkpoints_and_module_bits(tmp_path):
@@ -55,4 +68,4 @@ def test_doc_reader_reads_sharded_checkpoints_and_module_bits(tmp_path):
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"):
         module = model.get_submodule(name)
         expected = module.dequantize_weight(torch.float32).detach().numpy()
-        np.testing.assert_array_equal(read_pot_layer(str(tmp_path / "q"), name, module.in_features), expected)
+        np.testing.assert_array_equal(read_pot_layer(str(tmp_path / "q"), name), expected)

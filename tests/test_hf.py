@@ -5,11 +5,12 @@ import os
 
 import pytest
 import torch
-from .conftest import make_tiny_gpt2, make_tiny_llama
 from transformers import AutoModelForCausalLM
 
 import optimum_pot
 from optimum_pot import PoTConfig, PoTLinear
+
+from .conftest import make_tiny_gpt2, make_tiny_llama
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -23,13 +24,18 @@ def pot_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, PoTLinear)}
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_quantize_on_load_save_reload_bit_exact(tiny_model_path, tmp_path, bits):
-    q = AutoModelForCausalLM.from_pretrained(tiny_model_path, quantization_config=PoTConfig(bits=bits, group_size=32))
-    assert len(pot_modules(q)) > 0
+LEVELS = [(levels, bits) for levels in ("sp2", "pot", "int") for bits in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("levels,bits", LEVELS, ids=lambda v: str(v))
+def test_quantize_on_load_save_reload_bit_exact(tiny_model_path, tmp_path, levels, bits):
+    pot = PoTConfig(bits=bits, group_size=32, levels=levels)
+    q = AutoModelForCausalLM.from_pretrained(tiny_model_path, quantization_config=pot)
+    assert len(pot_modules(q)) > 0 and all(m.level_set == pot.level_set for m in pot_modules(q).values())
     q.save_pretrained(tmp_path)
     cfg = json.load(open(tmp_path / "config.json"))["quantization_config"]
-    assert cfg["quant_method"] == "pot" and cfg["bits"] == bits and cfg["format_version"] == 1
+    assert cfg["quant_method"] == "pot" and cfg["bits"] == bits and cfg["format_version"] == 2
+    assert cfg["levels"] == levels
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".bin", ".pt", ".pkl"))]  # no pickle
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert set(pot_modules(again)) == set(pot_modules(q))

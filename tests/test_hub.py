@@ -8,13 +8,14 @@ import huggingface_hub
 import pytest
 import torch
 import transformers.utils.hub as transformers_hub
-from .conftest import make_tiny_gpt2, make_tiny_llama
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoModelForCausalLM
 
 import optimum_pot
 from optimum_pot import PoTConfig
 from optimum_pot.hf.model_card import SECTION_END, SECTION_START, render_card
+
+from .conftest import make_tiny_gpt2, make_tiny_llama
 
 HAND_WRITTEN = "---\nlicense: apache-2.0\ntags:\n- mine\n---\n\n# My model\n\nHand-written notes.\n"
 
@@ -75,8 +76,9 @@ def test_push_to_hub_sends_card_and_reloadable_checkpoint(kind, hub, tmp_path):
     assert {"README.md", "config.json", "model.safetensors"} <= set(files)
     with open(os.path.join(sent, "README.md"), encoding="utf-8") as f:
         card = f.read()
-    for expected in ['`quant_method: "pot"`', "| bits | 4", "| group size | 32", "| zero level | yes",
-                     "| format version | 1", "42.12 on wikitext-2/test.txt (8 windows × 512 tokens)",
+    for expected in ['`quant_method: "pot"`', "| bits | 4", "| group size | 32", "| level set | `sp2:4:offset`",
+                     "- pot-sp2\n",
+                     "| format version | 2", "42.12 on wikitext-2/test.txt (8 windows × 512 tokens)",
                      'from_pretrained("user/tiny-pot")', "- pot\n", "- 4-bit\n"]:  # fmt: skip
         assert expected in card
     assert card.count(SECTION_START) == 1

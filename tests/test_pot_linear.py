@@ -5,7 +5,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from optimum_pot import get_level_set, quantize
-from optimum_pot.library.ops import available_backends, pot_linear
+from optimum_pot.library.ops import available_backends
 from optimum_pot.library.reference import pot_linear_reference
 from optimum_pot.nn import PoTLinear
 

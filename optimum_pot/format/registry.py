@@ -7,7 +7,7 @@ id stored in ops and checkpoints back into it.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from .level_set import LevelSet
 
@@ -55,7 +55,7 @@ def get_family(name: str) -> Family:
     return _FAMILIES[name]
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_level_set(name: str, bits: int, zero_level: bool | None = None, offset: bool | None = None) -> LevelSet:
     """The level set of family ``name`` at ``bits``.
 
@@ -71,7 +71,7 @@ def get_level_set(name: str, bits: int, zero_level: bool | None = None, offset: 
             without that variant.
     """
     family = get_family(name)
-    if isinstance(bits, bool) or bits not in family.bits:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in family.bits:
         raise ValueError(f"Level set {name!r} exists at bits {list(family.bits)}, not {bits!r}.")
     if zero_level is False and not family.has_zero_variant:
         raise ValueError(f"Level set {name!r} has no variant without a zero level; leave zero_level unset (None).")

@@ -6,6 +6,12 @@ weighted) squared error is measured with the nearest-level rule, coarse to fine,
 ``refine_steps`` rounds of alternating least squares: with the codes fixed, the error is quadratic in ``s`` (and
 ``z``), so the optimum is closed-form; codes are re-chosen, and a group keeps the new scale only if its error fell.
 
+**Exact zero.** With ``exact_zero`` (the default) an offset is always ``z = −s·L[j]`` for some level ``j``, so that
+level decodes to zero (up to the float16 rounding of ``z``): the grid is shifted by whole levels, like the integer
+zero point of uniform asymmetric quantisation, and the least squares solve for ``s`` with ``L[j]`` fixed. Measured
+on SmolLM2 at 3 bits (docs/levels.md): a free float offset that puts no level on zero pushes every near-zero weight
+of a group the same way, a correlated error that tripled the perplexity.
+
 Rows are processed in chunks that stay in cache across all candidates (memory-bound element-wise work).
 """
 
@@ -27,8 +33,8 @@ def round_scale(scale: torch.Tensor) -> torch.Tensor:
 class _Chunk:
     """One chunk of groups: weights ``x`` ``[n, G, g]``, column weights ``imp`` ``[G, g]`` (0 on padding)."""
 
-    def __init__(self, x, imp, level_set: LevelSet):
-        self.x, self.imp, self.ls = x, imp, level_set
+    def __init__(self, x, imp, level_set: LevelSet, exact_zero: bool):
+        self.x, self.imp, self.ls, self.exact_zero = x, imp, level_set, exact_zero
 
     def error(self, s, z):
         """Per-group weighted squared error ``[n, G]`` of the grid ``(s, z)`` (``z`` may be ``None``)."""
@@ -52,13 +58,11 @@ class _Chunk:
         d = (self.imp * lv * self.x).sum(-1)
         if z is None:
             return torch.where(a > 0, d / a.clamp_min(1e-30), s), None
-        if ZERO_EXACT:
-            # z = −s·L0 fixed in units of s: w ≈ s·(L − L0), a one-dimensional least squares in s
-            safe2 = torch.where(s > 0, s, torch.ones_like(s))
-            l0 = -z / safe2
-            lv0 = lv - l0[..., None]
-            a0 = (self.imp * lv0 * lv0).sum(-1)
-            d0 = (self.imp * lv0 * self.x).sum(-1)
+        if self.exact_zero:
+            # z = −s·L0 with L0 fixed in units of s: w ≈ s·(L − L0), a one-dimensional least squares in s.
+            l0 = -z / safe[..., 0]
+            shifted = lv - l0[..., None]
+            a0, d0 = (self.imp * shifted * shifted).sum(-1), (self.imp * shifted * self.x).sum(-1)
             s_new = torch.where(a0 > 0, d0 / a0.clamp_min(1e-30), s)
             return s_new, -s_new * l0
         b, c, e = (self.imp * lv).sum(-1), self.imp.sum(-1).expand_as(a), (self.imp * self.x).sum(-1)
@@ -70,28 +74,22 @@ class _Chunk:
         return s_new, z_new
 
 
-import os
-ZERO_EXACT = os.environ.get("POT_ZERO_EXACT", "1") == "1"
-
-
-def _zero_offset(s, z, level_set):
-    """The offset nearest ``z`` that puts a level exactly (up to float16 rounding) on zero: ``z = −s·L[j]``."""
+def zero_offset(s: torch.Tensor, z: torch.Tensor, level_set: LevelSet) -> torch.Tensor:
+    """The offset nearest ``z`` that puts a level on zero: ``−s·L[j]`` for the level ``L[j]`` nearest ``−z/s``
+    (float16-representable; the level then decodes to zero up to that rounding)."""
     lv = torch.tensor(level_set.levels, dtype=s.dtype, device=s.device)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    j = nearest_level_index(-z / safe, level_set)
-    return round_scale(-s * lv[j])
+    return round_scale(-s * lv[nearest_level_index(-z / safe, level_set)])
 
 
-def _candidate(lo, hi, absmax, alpha, level_set: LevelSet):
+def _candidate(lo, hi, absmax, alpha, level_set: LevelSet, exact_zero: bool):
     """The grid ``(s, z)`` (float16-representable) of shrink factor ``alpha`` ``[n, G]``."""
     if not level_set.offset:
         return round_scale(alpha * absmax / level_set.max_abs), None
     lmin, lmax = level_set.levels[0], level_set.levels[-1]
     s = round_scale(alpha * (hi - lo) / (lmax - lmin))
     z = round_scale(alpha * lo - s * lmin)
-    if ZERO_EXACT:
-        z = _zero_offset(s, z, level_set)
-    return s, z
+    return s, (zero_offset(s, z, level_set) if exact_zero else z)
 
 
 def _keep(state, cand, err):
@@ -104,25 +102,25 @@ def _keep(state, cand, err):
 
 
 def _search_chunk(chunk: _Chunk, lo, hi, absmax, grid_points, alpha_min, refine_steps):
-    ls = chunk.ls
+    ls, exact_zero = chunk.ls, chunk.exact_zero
     state = None
     coarse = max(2, grid_points // 4) if grid_points > 1 else 1
     alphas = torch.linspace(alpha_min, 1.0, coarse).tolist() if coarse > 1 else [1.0]
     for a in alphas:
-        s, z = _candidate(lo, hi, absmax, torch.full_like(absmax, a), ls)
+        s, z = _candidate(lo, hi, absmax, torch.full_like(absmax, a), ls, exact_zero)
         state = _keep(state, (s, z, torch.full_like(absmax, a)), chunk.error(s, z))
     if grid_points > 1:
         step = (1.0 - alpha_min) / (coarse - 1)
         for off in torch.linspace(-step, step, coarse + 2)[1:-1].tolist():  # strictly between the neighbours
             a = (state[3] + off).clamp(alpha_min, 1.0)
-            s, z = _candidate(lo, hi, absmax, a, ls)
+            s, z = _candidate(lo, hi, absmax, a, ls, exact_zero)
             state = _keep(state, (s, z, a), chunk.error(s, z))
     for _ in range(refine_steps):
         s, z = chunk.least_squares(state[1], state[2])
         s = round_scale(s.clamp(0.0, FP16_MAX))
         z = None if z is None else round_scale(z.clamp(-FP16_MAX, FP16_MAX))
-        if z is not None and ZERO_EXACT:
-            z = _zero_offset(s, z, chunk.ls)
+        if z is not None and exact_zero:
+            z = zero_offset(s, z, ls)
         state = _keep(state, (s, z, state[3]), torch.where(s > 0, chunk.error(s, z), torch.inf))
     return state[1], state[2]
 
@@ -136,6 +134,7 @@ def search_scales(
     importance: torch.Tensor | None = None,
     refine_steps: int = 2,
     alpha_min: float = 0.5,
+    exact_zero: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group scales (and offsets) ``[N, G]``, float32 values exactly representable in float16.
 
@@ -148,6 +147,7 @@ def search_scales(
             squared activations).
         refine_steps (`int`): rounds of alternating least squares after the search (0: none).
         alpha_min (`float`): smallest ``α`` tried.
+        exact_zero (`bool`): offsets put a level on zero (see the module docstring); `False`: free offsets.
 
     Returns:
         ``(scale, offset)``; ``offset`` is `None` for level sets without one.
@@ -166,7 +166,7 @@ def search_scales(
     rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
     for r0 in range(0, n, rows):
         sl = slice(r0, r0 + rows)
-        chunk = _Chunk(x[sl], imp, level_set)
+        chunk = _Chunk(x[sl], imp, level_set, exact_zero)
         lo = None if lo_all is None else lo_all[sl]
         hi = None if hi_all is None else hi_all[sl]
         s, z = _search_chunk(chunk, lo, hi, absmax_all[sl], grid_points, alpha_min, refine_steps)
@@ -181,4 +181,4 @@ def weight_error(w, scale, offset, level_set: LevelSet, group_size: int, importa
     k = w.shape[-1]
     x = group_view(w.float(), group_size)
     cols = torch.ones(1, k, device=w.device) if importance is None else importance.float().reshape(1, k)
-    return _Chunk(x, group_view(cols, group_size)[0], level_set).error(scale.float(), offset)
+    return _Chunk(x, group_view(cols, group_size)[0], level_set, False).error(scale.float(), offset)

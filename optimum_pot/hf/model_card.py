@@ -80,7 +80,7 @@ def card_section(config, model_ref: str) -> str:
     rows = [
         ("method", 'PoT (signed power-of-two weights), `quant_method: "pot"`'),
         ("level set", f"`{ls.id}`: {ls.description}"),
-        ("levels (× scale)", ", ".join(f"{v:g}" for v in ls.levels) + (" (+ a per-group offset)" if ls.offset else "")),
+        ("levels (× scale)", ", ".join(f"{v:g}" for v in ls.levels) + (" + a group offset" if ls.offset else "")),
         ("bits", f"{config.bits} per weight"),
         ("group size", f"{config.group_size} input columns per float16 scale"),
         ("format version", str(_written_version())),
@@ -93,8 +93,8 @@ def card_section(config, model_ref: str) -> str:
     return f"""{SECTION_START}
 ## PoT quantisation
 
-The linear layers of this model are stored as `w = s · L[code]{" + z" if ls.offset else ""}`, where every level of `L` is
-a signed power of two or a sum of two (no multiplier needed), packed {config.bits} bits per weight with one float16
+The linear layers of this model are stored as `w = s · L[code]{" + z" if ls.offset else ""}`, where every level of `L`
+is a signed power of two or a sum of two (no multiplier needed), packed {config.bits} bits per weight with one float16
 scale{" and offset" if ls.offset else ""} per group, by the `optimum-pot` package (its `docs/format.md` specifies the
 on-disk format).
 
