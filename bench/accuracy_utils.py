@@ -1,4 +1,5 @@
-"""Helpers of ``bench/accuracy.py``: the uniform-int baseline, HQQ / optimum-quanto wrappers, peak-RSS sampling."""
+"""Helpers of ``bench/accuracy.py``: the uniform-int baseline, HQQ / optimum-quanto wrappers, peak-RSS sampling,
+what a PoT checkpoint stores per weight and a summary of a calibration report."""
 
 import threading
 import time
@@ -80,3 +81,33 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def stored_bits_per_weight(model: nn.Module) -> float:
+    """Bits the PoT layers store per weight: packed codes + float16 scales + float16 offsets, over ``N·K`` weights."""
+    from optimum_pot.nn.convert import pot_layers
+
+    bits = weights = 0
+    for _, m in pot_layers(model):
+        for t in (m.weight, m.weight_scale, m.weight_offset):
+            bits += 0 if t is None else t.numel() * t.element_size() * 8
+        weights += m.out_features * m.in_features
+    return bits / max(weights, 1)
+
+
+def calibration_summary(report: list[dict] | None) -> dict:
+    """Totals of ``calibrate()``'s report: wall / CPU seconds, mean per block, the largest working set."""
+    if not report:
+        return {}
+    blocks = [r for r in report if "block" in r]
+    alloc = [r["allocation"] for r in report if "allocation" in r]
+    out = {
+        "seconds": sum(r["seconds"] for r in blocks) + sum(a.get("seconds", 0.0) for a in alloc),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in blocks) + sum(a.get("cpu_seconds", 0.0) for a in alloc),
+        "block_seconds": sum(r["seconds"] for r in blocks) / max(len(blocks), 1),
+        "float_block_mb": max(r.get("float_block_mb", 0.0) for r in blocks),
+        "activations_mb": max(r.get("activations_mb", 0.0) for r in blocks),
+    }
+    if alloc:
+        out["allocation"] = alloc[0]
+    return out

@@ -92,7 +92,7 @@ def breakdown(model, name: str, ms_per_token: float, reps: int = 5) -> None:
     def kernels():
         for m, x in zip(layers, xs):
             k = resolve("cpu", m.backend)
-            k(x, m.weight, m.weight_scale, m.bias, m.bits, m.group_size, m.in_features, m.zero_level)
+            k(x, m.weight, m.weight_scale, m.weight_offset, m.bias, m.level_set, m.group_size, m.in_features)
 
     with torch.no_grad():
         t_op, t_kernel = _median_time(via_module, reps) * 1e3, _median_time(kernels, reps) * 1e3
@@ -190,8 +190,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     )
     # The tied lm_head (113 MB in fp32, read once per token) is left float by default; llama.cpp quantises it.
     head_cfg = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[])
-    pot_head = quantize(copy.deepcopy(pot_model), head_cfg)
-    pot_head_i8 = set_backend(quantize(copy.deepcopy(pot_model), head_cfg), "cpu_int8")
+    pot_head = quantize(copy.deepcopy(float_model), head_cfg)  # quantize() refuses an already-quantised model
+    pot_head_i8 = set_backend(copy.deepcopy(pot_head), "cpu_int8")
     cfg3 = PoTConfig(bits=3, group_size=64, grid_points=1, modules_to_not_convert=[], backend="cpu_int8")
     pot3_i8 = quantize(copy.deepcopy(float_model), cfg3)  # 3 bits: where calibrated PoT wins on accuracy
     rows = {}  # name -> (decode tok/s, prefill s, threads)

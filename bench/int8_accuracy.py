@@ -1,12 +1,14 @@
-"""What ``backend="cpu_int8"`` costs in accuracy: decode-path perplexity of SmolLM2-135M, PoT ``cpu`` vs ``cpu_int8``.
+"""What ``backend="cpu_int8"`` (and ``"auto"``, which takes it for decode) costs in accuracy: decode-path perplexity of
+SmolLM2-135M, PoT ``cpu`` vs ``cpu_int8``, for each level-set family.
 
 Perplexity over the first ``--tokens`` tokens of ``../shared/data/wikitext-2/test.txt``, fed one token at a time
 through the KV cache, so every matmul takes the decode path (M = 1) where ``cpu_int8`` rounds activations to int8
-(a whole-sequence forward would take the exact GEMM path and show no difference). Default scales (32-point grid
+(a whole-sequence forward would take the exact GEMM path and show no difference). Each family at its default options
+(``sp2``: two-term levels with per-group offsets, the default; ``pot``: single-term), default scales (32-point grid
 search), group 64, ``lm_head`` float (the default); the same packed model is evaluated with both backends.
 
-    python bench/int8_accuracy.py                  # 3 and 4 bits, 512 tokens (~4 min on 2 cores)
-    python bench/int8_accuracy.py --smoke          # CI: closed-form scales, 16 tokens
+    python bench/int8_accuracy.py                  # sp2 and pot, 3 and 4 bits, 512 tokens (~10 min on 2 cores)
+    python bench/int8_accuracy.py --smoke          # CI: sp2 4-bit, closed-form scales, no refinement, 16 tokens
 """
 
 import argparse
@@ -24,7 +26,8 @@ WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--bits", type=int, nargs="+", default=None, help="default: 3 4 (smoke: 4)")
+    parser.add_argument("--levels", nargs="+", default=None, help="level-set families (default: sp2 pot; smoke: sp2)")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -33,24 +36,33 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_pot import PoTConfig, quantize, set_backend
+    from optimum_pot.format.registry import get_level_set
+    from optimum_pot.kernels.cpu import int8_path
     from optimum_pot.utils.models import smollm2_checkpoint
 
     t0 = time.perf_counter()
     path = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)
     n_tokens = 16 if args.smoke else args.tokens
+    bits_list = args.bits or ([4] if args.smoke else [3, 4])
+    families = args.levels or (["sp2"] if args.smoke else ["sp2", "pot"])
     ids = tok(open(WIKITEXT, encoding="utf-8").read()[:20000], return_tensors="pt").input_ids[:, :n_tokens]
     float_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     print(f"## Decode-path perplexity, SmolLM2-135M, first {n_tokens} tokens of wikitext-2 test, one token a forward")
     print(f"float32: {stepwise_perplexity(float_model, ids):.3f}\n")
-    print("| bits | group | cpu (fp32 activations) | cpu_int8 (int8 activations) | relative change |")
-    print("|---|---|---|---|---|")
-    for bits in args.bits:
-        cfg = PoTConfig(bits=bits, group_size=64, grid_points=1 if args.smoke else 32)
-        model = quantize(copy.deepcopy(float_model), cfg)
-        exact = stepwise_perplexity(set_backend(model, "cpu"), ids)
-        int8 = stepwise_perplexity(set_backend(model, "cpu_int8"), ids)
-        print(f"| {bits} | 64 | {exact:.3f} | {int8:.3f} | {100 * (int8 / exact - 1):+.2f} % |", flush=True)
+    print("| level set | group | int8 path | cpu (fp32 activations) | cpu_int8 (int8 activations) | relative change |")
+    print("|---|---|---|---|---|---|")
+    for levels in families:
+        for bits in bits_list:
+            ls = get_level_set(levels, bits)
+            search = dict(grid_points=1, refine_steps=0) if args.smoke else dict(grid_points=32)
+            model = quantize(copy.deepcopy(float_model), PoTConfig(bits=bits, group_size=64, levels=levels, **search))
+            exact = stepwise_perplexity(set_backend(model, "cpu"), ids)
+            int8 = stepwise_perplexity(set_backend(model, "cpu_int8"), ids)
+            runs = "yes" if int8_path(1, 64, ls) else "no (fp32)"
+            print(
+                f"| {ls.id} | 64 | {runs} | {exact:.3f} | {int8:.3f} | {100 * (int8 / exact - 1):+.2f} % |", flush=True
+            )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

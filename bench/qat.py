@@ -1,16 +1,21 @@
-"""QAT benchmark: PTQ (calibration-free, calibrated) vs QAT with the Trainer (``PoTQATCallback``) vs LoRA on the
-packed PTQ model (adapters, and merged back onto the PoT grid).
+"""QAT benchmark: every QAT / LoRA row next to the float model trained with the same data, steps and schedule.
 
-1. SmolLM2-135M-Instruct: training text ``../shared/data/wikitext-2/valid.txt``, perplexity on the first
-   ``--windows`` 512-token windows of ``test.txt``.
-2. A small char-level GPT-2 (4 layers x 128, 0.8M parameters; nanoGPT's shakespeare_char is 6 x 384) on
-   ``../shared/data/tinyshakespeare/input.txt`` (the PoT-QAT paper's first setting): float training here, then PTQ
-   vs QAT vs LoRA; perplexity per character on the last 10 % of the text.
+1. SmolLM2-135M: training text ``../shared/data/wikitext-2/valid.txt`` (256-token samples), perplexity on the first
+   ``--windows`` 512-token windows of ``test.txt``. Rows: the float model untouched; the **reference**: the float
+   model trained ``--steps`` steps exactly like the QAT runs (same batches, schedule, frozen embeddings); per bit
+   width: calibration-free PTQ (the QAT starting point), optionally calibrated PTQ, then the ``--methods``:
+   ``qat`` (next-token loss), ``kd`` (distilling the reference, i.e. the float model fine-tuned on the same text),
+   ``kd-base`` (distilling the untouched float model), ``lora`` (adapters on the packed PTQ model; merged with
+   plain nearest rounding; merged with ``merge_and_requantize``, error feedback on ``--merge-samples`` windows).
+2. A small char-level GPT-2 (4 layers x 128) on ``../shared/data/tinyshakespeare/input.txt``: float training here,
+   then PTQ vs QAT vs LoRA, against the float model trained the same extra steps.
 
-Reports steps, wall time (set-up such as the scale search included) and the fraction of the PTQ→float perplexity
-gap closed. Every row of a table is measured in the same run; the 2 cores are shared, so wall times are indicative.
+Columns: ``× ref`` = perplexity / reference perplexity (the issue's targets: 4-bit ≤ 1.05, 3-bit ≤ 1.15, 2-bit ≤
+1.6); ``gap closed`` = (PTQ − method) / (PTQ − reference); ``wall s`` / ``CPU s`` (all threads of this process) of
+the row's own work (set-up such as the scale search included; a ``kd`` row's teacher is the reference row, whose
+training cost is on that row). Every row of a table is measured in the same run.
 
-Full run (by hand):  python bench/qat.py      (sections: --skip-char / --skip-smollm2; --bits 3 4)
+Full run (by hand):  python bench/qat.py --skip-char      (see --help; one heavy run at a time on 2 cores)
 CI smoke (< 2 min):  python bench/qat.py --smoke
 """
 
@@ -18,16 +23,17 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qat_utils import (  # noqa: E402
     CharTokenizer,
+    Clock,
     char_gpt,
     gap_closed,
-    lora_train_and_merge,
+    lora_train,
+    mean_merge_error,
     train,
     window_perplexity,
     windows_of,
@@ -37,22 +43,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 VALID, TEST = (os.path.join(SHARED, "wikitext-2", f) for f in ("valid.txt", "test.txt"))
 SHAKESPEARE = os.path.join(SHARED, "tinyshakespeare", "input.txt")
+METHODS = ("qat", "kd", "kd-base", "lora")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI (< 2 min on 2 cores)")
-    p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--windows", type=int, default=8, help="SmolLM2 test windows of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=60, help="SmolLM2 QAT optimizer steps (0: skip QAT)")
-    p.add_argument("--train-seq-len", type=int, default=256, help="SmolLM2 QAT tokens per sample")
+    p.add_argument("--methods", default="kd,qat,lora", help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=60, help="SmolLM2 training steps of every row (reference too)")
+    p.add_argument("--train-seq-len", type=int, default=256, help="SmolLM2 training tokens per sample")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4, help="SmolLM2 QAT learning rate (weights and scales)")
-    p.add_argument("--cal-samples", type=int, default=16, help="calibrated PTQ samples (0: skip)")
-    p.add_argument("--lora-steps", type=int, default=40, help="SmolLM2 LoRA steps on the packed PTQ model (0: skip)")
+    p.add_argument("--lr", type=float, default=1e-4, help="SmolLM2 learning rate (reference, QAT weights and scales)")
+    p.add_argument("--alpha", type=float, default=1.0, help="kd: weight of the KL (1 - alpha: next-token loss)")
+    p.add_argument("--hidden-weight", type=float, default=0.0, help="kd: weight of the per-block hidden loss")
+    p.add_argument("--cal-samples", type=int, default=0, help="calibrated (GPTQ) PTQ row with this many samples")
     p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--merge-samples", type=int, default=16, help="merge_and_requantize windows (0: skip the row)")
     p.add_argument("--char-float-steps", type=int, default=2000)
     p.add_argument("--char-qat-steps", type=int, default=100, help="char model QAT (and LoRA) steps")
     p.add_argument("--char-batch-size", type=int, default=16)
@@ -62,78 +72,121 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.bits, args.windows, args.seq_len, args.steps, args.train_seq_len = [3], 1, 128, 2, 64
-        args.cal_samples, args.char_float_steps, args.char_qat_steps, args.lora_steps = 0, 20, 5, 0
+        args.cal_samples, args.char_float_steps, args.char_qat_steps, args.merge_samples = 0, 20, 5, 2
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
     return args
 
 
-def row(model, bits, method, ppl, ppl_float, ppl_ptq=None, steps="", wall=None):
-    gap = "" if ppl_ptq is None else f"{100 * gap_closed(ppl_float, ppl_ptq, ppl):.0f}%"
-    wall_s = "" if wall is None else f"{wall:.0f}"
-    print(f"| {model} | {bits} | {method} | {ppl:.2f} | {steps} | {wall_s} | {gap} |", flush=True)
+def row(model, bits, method, ppl, ppl_ref, ppl_ptq=None, steps="", clock=None):
+    gap = "" if ppl_ptq is None else f"{100 * gap_closed(ppl_ref, ppl_ptq, ppl):.0f}%"
+    times = "| |" if clock is None else f"| {clock.wall:.0f} | {clock.cpu:.0f} |"
+    print(f"| {model} | {bits} | {method} | {ppl:.2f} | {ppl / ppl_ref:.3f} | {steps} {times} {gap} |", flush=True)
 
 
 def header(title):
-    print(f"\n{title}\n\n| model | bits | method | perplexity | steps | wall s | PTQ gap closed |", flush=True)
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print(f"\n{title}\n\n| model | bits | method | perplexity | × ref | steps | wall s | CPU s | gap closed |",
+          flush=True)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
 
 
-def lora_rows(name, ptq, windows, args, steps, lr, ppl_float, ppl_ptq, evaluate, batch_size=None, r=16):
-    """LoRA on the packed PTQ model, then merged back onto the PoT grid: two rows."""
-    peft_model, wall, merge = lora_train_and_merge(ptq, windows, steps, lr, batch_size or args.batch_size, r)
+def lora_rows(name, ptq, windows, args, steps, lr, ref, ptq_ppl, evaluate, batch_size, r, merge_data=None):
+    """LoRA on the packed PTQ model: adapters; merged by nearest rounding; merged with error feedback."""
+    from optimum_pot.peft import merge_and_requantize
+
     bits = ptq.config.quantization_config.bits
-    row(name, bits, f"PTQ + LoRA r={r} (float adapters)", evaluate(peft_model), ppl_float, ppl_ptq, steps, wall)
-    merged, err = merge()
-    row(name, bits, f"PTQ + LoRA merged (mean merge error {err:.3f})", evaluate(merged), ppl_float, ppl_ptq, steps)
+    peft_model, clock = lora_train(ptq, windows, steps, lr, batch_size, r)
+    ppl_adapters = evaluate(peft_model)
+    row(name, bits, f"PTQ + LoRA r={r} (float adapters)", ppl_adapters, ref, ptq_ppl, steps, clock)
+    nearest = copy.deepcopy(peft_model)
+    with Clock() as clock:
+        merged = nearest.merge_and_unload()
+    ppl = evaluate(merged)
+    row(name, bits, f"LoRA merged, nearest (weight error {mean_merge_error(merged):.4f}; "
+        f"{ppl / ppl_adapters:.2f}× adapters)", ppl, ref, ptq_ppl, steps, clock)  # fmt: skip
+    del nearest, merged
+    if merge_data is None:
+        return
+    tokenizer, texts = merge_data
+    with Clock() as clock:
+        merged = merge_and_requantize(peft_model, texts, tokenizer, num_samples=args.merge_samples,
+                                      seq_len=args.train_seq_len, progress=False)  # fmt: skip
+    ppl = evaluate(merged)
+    label = (f"LoRA merged, error feedback on {args.merge_samples} windows (weight error "
+             f"{mean_merge_error(merged):.4f}; {ppl / ppl_adapters:.2f}× adapters)")  # fmt: skip
+    row(name, bits, label, ppl, ref, ptq_ppl, steps, clock)
+
+
+def qat_row(label, qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate, **distill):
+    """One QAT run from (a copy of) the prepared model; the scale search's time is added to the row."""
+    from optimum_pot import PoTQATCallback
+
+    model = copy.deepcopy(qat_model)
+    clock = search + train(model, train_windows, args.steps, args.lr, args.batch_size,
+                           [PoTQATCallback(cfg, **distill)])  # fmt: skip
+    row("SmolLM2-135M", cfg.bits, label, evaluate(model), ref, ppl_ptq, args.steps, clock)
 
 
 def run_smollm2(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_pot import PoTConfig, PoTQATCallback, convert_qat, prepare_qat, quantize
+    from optimum_pot import PoTConfig, convert_qat, prepare_qat, quantize
     from optimum_pot.utils.models import smollm2_checkpoint
     from optimum_pot.utils.perplexity import token_windows
 
     path = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)
-    load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def load(frozen_embeddings=True):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        # Tied with lm_head (kept float): frozen in every trained row, so all rows train the same parameters.
+        model.get_input_embeddings().weight.requires_grad_(not frozen_embeddings)
+        return model
+
     test = token_windows(tok, TEST, args.seq_len, args.windows)
-    train_windows = windows_of(tok(open(VALID, encoding="utf-8").read(), return_tensors="pt").input_ids[0],
-                               args.train_seq_len)  # fmt: skip
-    grid = 1 if args.smoke else 32
-    header(f"SmolLM2-135M, group {args.group_size}, WikiText-2 test {args.windows}x{args.seq_len} tokens")
-    ppl_float = window_perplexity(load(), test)
-    row("SmolLM2-135M", "16", "float", ppl_float, ppl_float)
+    evaluate = lambda m: window_perplexity(m, test)  # noqa: E731
+    valid_text = open(VALID, encoding="utf-8").read()
+    train_windows = windows_of(tok(valid_text, return_tensors="pt").input_ids[0], args.train_seq_len)
+    grid = 1 if args.smoke else 16
+    header(f"SmolLM2-135M, group {args.group_size}, WikiText-2 test {args.windows}x{args.seq_len} tokens; "
+           f"training: {args.steps} steps x {args.batch_size}x{args.train_seq_len} tokens of valid.txt, "
+           f"lr {args.lr}")  # fmt: skip
+    ppl_float = evaluate(load())
+    row("SmolLM2-135M", "16", "float, untouched", ppl_float, ppl_float)
+    reference = load()
+    clock = train(reference, train_windows, args.steps, args.lr, args.batch_size)
+    ref = evaluate(reference)
+    row("SmolLM2-135M", "16", f"**float + {args.steps} steps (reference)**", ref, ref, steps=args.steps, clock=clock)
     for bits in args.bits:
         cfg = PoTConfig(bits=bits, group_size=args.group_size, grid_points=grid)
-        # The step-1 scale search is the costly part of both PTQ and QAT set-up: run it once. Converting the
-        # untrained QAT model *is* calibration-free PTQ (bit-exact, tests/test_qat.py).
-        t0 = time.perf_counter()
-        qat_model = prepare_qat(load(), cfg)
-        search_wall = time.perf_counter() - t0
+        with Clock() as search:  # converting the untrained QAT model *is* calibration-free PTQ (tests/test_qat.py)
+            qat_model = prepare_qat(load(), cfg)
         ptq = convert_qat(copy.deepcopy(qat_model), cfg)
-        ppl_ptq = window_perplexity(ptq, test)
-        row("SmolLM2-135M", bits, "PTQ calibration-free", ppl_ptq, ppl_float, wall=search_wall)
-        if args.lora_steps:
-            lora_rows("SmolLM2-135M", ptq, train_windows, args, args.lora_steps, args.lora_lr, ppl_float, ppl_ptq,
-                      lambda m: window_perplexity(m, test))  # fmt: skip
-        del ptq
+        ppl_ptq = evaluate(ptq)
+        row("SmolLM2-135M", bits, f"PTQ calibration-free ({cfg.level_set.id})", ppl_ptq, ref, clock=search)
         if args.cal_samples:
             cal = PoTConfig(bits=bits, group_size=args.group_size, tokenizer=tok, num_samples=args.cal_samples,
-                            seq_len=args.train_seq_len, epochs=1)  # fmt: skip
-            t0 = time.perf_counter()
-            model = quantize(load(), cal, dataset=VALID)
-            wall = time.perf_counter() - t0
-            row("SmolLM2-135M", bits, f"PTQ calibrated ({args.cal_samples} samples)", window_perplexity(model, test),
-                ppl_float, ppl_ptq, wall=wall)  # fmt: skip
+                            seq_len=args.train_seq_len)  # fmt: skip
+            with Clock() as clock:
+                model = quantize(load(), cal, dataset=VALID)
+            row("SmolLM2-135M", bits, f"PTQ calibrated ({args.cal_samples} samples, {cal.rounding})", evaluate(model),
+                ref, ppl_ptq, clock=clock)  # fmt: skip
             del model
-        if not args.steps:
-            continue
-        qat_model.get_input_embeddings().weight.requires_grad_(False)  # tied with lm_head (kept float): frozen
-        wall = search_wall + train(qat_model, train_windows, args.steps, args.lr, args.batch_size,
-                                   [PoTQATCallback(cfg)])  # fmt: skip
-        ppl_qat = window_perplexity(qat_model, test)
-        row("SmolLM2-135M", bits, "QAT", ppl_qat, ppl_float, ppl_ptq, args.steps, wall)
-        del qat_model
+        for method in args.methods:
+            if method == "qat":
+                qat_row("QAT, next-token loss", qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate)
+            elif method in ("kd", "kd-base"):
+                teacher = reference if method == "kd" else load()
+                label = "QAT, distilling the reference" if method == "kd" else "QAT, distilling the untouched float"
+                qat_row(label, qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate, teacher=teacher,
+                        distill_alpha=args.alpha, hidden_weight=args.hidden_weight)  # fmt: skip
+            else:
+                merge_data = (tok, [valid_text]) if args.merge_samples else None
+                lora_rows("SmolLM2-135M", copy.deepcopy(ptq), train_windows, args, args.steps, args.lora_lr, ref,
+                          ppl_ptq, evaluate, args.batch_size, 16, merge_data)  # fmt: skip
+        del qat_model, ptq
 
 
 def run_char(args):
@@ -149,32 +202,30 @@ def run_char(args):
     block = size["block"]
     train_windows = windows_of(ids[:split], block)
     val = windows_of(ids[split:], block, 16 if args.smoke else 128)
+    evaluate = lambda m: window_perplexity(m, val)  # noqa: E731
     model = char_gpt(len(tok.chars), **size).eval()
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     header(f"char-level GPT-2 ({size}, {n_params:.2f}M params), tinyshakespeare, last 10% ({val.numel()} chars)")
-    wall = train(model, train_windows, args.char_float_steps, 2e-3, args.char_batch_size)
-    ppl_float = window_perplexity(model, val)
-    row("char GPT", "32", "float (trained here)", ppl_float, ppl_float, steps=args.char_float_steps, wall=wall)
-    # QAT and LoRA train N more steps: a small model that is still improving would credit them with the extra
-    # training, so the gap is measured against the float model trained the same N more steps.
-    ref = copy.deepcopy(model)
-    wall = train(ref, train_windows, args.char_qat_steps, 5e-4, args.char_batch_size)
-    ppl_ref = window_perplexity(ref, val)
-    row("char GPT", "32", f"float + {args.char_qat_steps} steps (gap reference)", ppl_ref, ppl_ref,
-        steps=args.char_qat_steps, wall=wall)  # fmt: skip
-    ppl_float = ppl_ref
+    clock = train(model, train_windows, args.char_float_steps, 2e-3, args.char_batch_size)
+    ppl_float = evaluate(model)
+    row("char GPT", "32", "float (trained here)", ppl_float, ppl_float, steps=args.char_float_steps, clock=clock)
+    # QAT and LoRA train N more steps: the gap is measured against the float model trained the same N more steps.
+    reference = copy.deepcopy(model)
+    steps = args.char_qat_steps
+    clock = train(reference, train_windows, steps, 5e-4, args.char_batch_size)
+    ref = evaluate(reference)
+    row("char GPT", "32", f"**float + {steps} steps (reference)**", ref, ref, steps=steps, clock=clock)
     group = 32
     for bits in args.bits:
         cfg = PoTConfig(bits=bits, group_size=group)
         ptq = quantize(copy.deepcopy(model), cfg)
-        ppl_ptq = window_perplexity(ptq, val)
-        row("char GPT", bits, f"PTQ calibration-free (g{group})", ppl_ptq, ppl_float)
-        lora_rows("char GPT", ptq, train_windows, args, args.char_qat_steps, 2e-3, ppl_float, ppl_ptq,
-                  lambda m: window_perplexity(m, val), batch_size=args.char_batch_size, r=8)  # fmt: skip
-        qat = copy.deepcopy(model)
-        wall = train(qat, train_windows, args.char_qat_steps, 5e-4, args.char_batch_size, [PoTQATCallback(cfg)])
-        row("char GPT", bits, f"QAT (g{group})", window_perplexity(qat, val), ppl_float, ppl_ptq,
-            args.char_qat_steps, wall)  # fmt: skip
+        ppl_ptq = evaluate(ptq)
+        row("char GPT", bits, f"PTQ calibration-free (g{group}, {cfg.level_set.id})", ppl_ptq, ref)
+        lora_rows("char GPT", ptq, train_windows, args, steps, 2e-3, ref, ppl_ptq, evaluate, args.char_batch_size, 8)
+        for label, distill in (("QAT, next-token loss", {}), ("QAT, distilling the reference", {"teacher": reference})):
+            qat = copy.deepcopy(model)
+            clock = train(qat, train_windows, steps, 5e-4, args.char_batch_size, [PoTQATCallback(cfg, **distill)])
+            row("char GPT", bits, f"{label} (g{group})", evaluate(qat), ref, ppl_ptq, steps, clock)
 
 
 def main(argv=None):
@@ -185,12 +236,12 @@ def main(argv=None):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    t0 = time.perf_counter()
-    if not args.skip_char:
-        run_char(args)
-    if not args.skip_smollm2:
-        run_smollm2(args)
-    print(f"\ntotal wall: {time.perf_counter() - t0:.0f} s", flush=True)
+    with Clock() as total:
+        if not args.skip_char:
+            run_char(args)
+        if not args.skip_smollm2:
+            run_smollm2(args)
+    print(f"\ntotal: {total.wall:.0f} s wall, {total.cpu:.0f} s CPU", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,14 +46,39 @@ def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int =
     return math.exp(nll / count)
 
 
+@dataclass
+class Clock:
+    """Wall and CPU seconds (all threads of this process) of a ``with`` block; ``+`` adds two clocks.
+
+    The machine may be shared: CPU seconds do not grow with other processes' load the way wall seconds do, and
+    on an idle machine wall ≈ CPU / threads for these well-parallelised loops.
+    """
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def __enter__(self):
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._w
+        self.cpu += time.process_time() - self._c
+
+    def __add__(self, other: "Clock") -> "Clock":
+        return Clock(self.wall + other.wall, self.cpu + other.cpu)
+
+
 def train(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_size: int, callbacks=(), seed=0):
-    """Runs ``steps`` optimizer steps of the ``Trainer`` on ``windows``; returns wall seconds (set-up included).
+    """Runs ``steps`` optimizer steps of the ``Trainer`` on ``windows``; returns a :class:`Clock` (set-up included).
 
     Constant learning rate after a short warm-up: short QAT runs lose most of their gain to a decaying schedule.
+    Every run (float reference, QAT, LoRA) uses this same schedule, data order and batch size.
     """
     from transformers import Trainer, TrainingArguments
 
-    t0 = time.perf_counter()  # the callback's prepare_qat (scale search) runs in Trainer(): count it
+    clock = Clock()
+    clock.__enter__()  # the callback's prepare_qat (scale search) runs in Trainer(): count it
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
@@ -63,9 +89,9 @@ def train(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_
         trainer = Trainer(model=model, args=args, train_dataset=WindowDataset(windows), callbacks=list(callbacks))
         model.train()
         trainer.train()
-        wall = time.perf_counter() - t0
+    clock.__exit__()
     model.eval()
-    return wall
+    return clock
 
 
 class CharTokenizer:
@@ -92,7 +118,12 @@ def char_gpt(vocab_size: int, n_layer: int, n_embd: int, n_head: int, block: int
 
 
 def gap_closed(ppl_float: float, ppl_ptq: float, ppl_qat: float) -> float:
-    """Fraction of the PTQ→float perplexity gap that QAT closes (1 = float quality, 0 = no better than PTQ)."""
+    """Fraction of the PTQ→float perplexity gap that QAT closes (1 = float quality, 0 = no better than PTQ).
+
+    ``ppl_float`` must be the float model trained with the same data, steps and schedule as the QAT/LoRA run:
+    training on in-domain text lowers the float model's perplexity too, and comparing against the untrained float
+    model would credit QAT with that domain gain.
+    """
     gap = ppl_ptq - ppl_float
     return (ppl_ptq - ppl_qat) / gap if gap > 0 else float("nan")
 
@@ -103,23 +134,18 @@ LORA_TARGETS = {
 }
 
 
-def lora_train_and_merge(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_size: int, r: int = 16):
-    """LoRA on a packed PoT model with the Trainer, then ``merge_and_unload``.
-
-    Returns ``(peft_model, wall seconds, merged model factory)``: call the factory after evaluating the adapter
-    model (merging changes the base in place), it returns ``(merged model, mean relative merge error)``.
-    """
+def lora_train(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_size: int, r: int = 16):
+    """LoRA (r, alpha = 2r, all projections) on a packed PoT model with the Trainer; returns ``(peft_model, Clock)``."""
     from peft import LoraConfig, get_peft_model
-
-    from optimum_pot.peft import merge_errors
 
     targets = LORA_TARGETS["gpt2" if model.config.model_type == "gpt2" else "llama"]
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
-    wall = train(peft_model, windows, steps, lr, batch_size)
+    return peft_model, train(peft_model, windows, steps, lr, batch_size)
 
-    def merge():
-        merged = peft_model.merge_and_unload()
-        errors = list(merge_errors(merged).values())
-        return merged, sum(errors) / len(errors)
 
-    return peft_model, wall, merge
+def mean_merge_error(model: nn.Module) -> float:
+    """Mean over merged layers of ``optimum_pot.peft.merge_errors``."""
+    from optimum_pot.peft import merge_errors
+
+    errors = list(merge_errors(model).values())
+    return sum(errors) / max(len(errors), 1)

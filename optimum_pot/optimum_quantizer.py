@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from optimum.quantization_base import OptimumQuantizer
 
-from .config import PoTConfig
 from .api import quantize as quantize_model
+from .config import PoTConfig
 
 
 class PoTQuantizer(OptimumQuantizer):

@@ -1,13 +1,14 @@
-"""PoTPTQ step 2 (``optimum_pot.calibration``) on the tiny Llama and GPT-2: error reduction, API paths, errors."""
+"""Calibrated PTQ (``optimum_pot.calibration``) on the tiny Llama and GPT-2: error reduction, routes, errors."""
 
 import os
 
 import pytest
 import torch
-from .conftest import WIKITEXT_VALID, byte_tokenizer, make_tiny_gpt2, make_tiny_llama
 
 from optimum_pot import PoTConfig, PoTLinear, PoTQuantizer, quantize
 from optimum_pot.calibration import calibrate, calibration_samples, find_blocks
+
+from .conftest import WIKITEXT_VALID, byte_tokenizer, make_tiny_gpt2, make_tiny_llama
 
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 SEQ = 64
@@ -55,6 +56,48 @@ def test_calibration_reduces_block_output_error(arch, bits, tok, texts):
     assert last_hidden_error(cal, ref, ids) < last_hidden_error(rtn, ref, ids)
 
 
+@pytest.mark.parametrize("levels", ["pot", "int", "sp2"])
+def test_error_feedback_beats_step2_alone(levels, tok, texts):
+    """Error-feedback rounding (the default) ends closer to the float model than nearest rounding + step 2."""
+    ref, ids = make_tiny_llama(), held_out_ids(tok)
+    nearest = quantize(make_tiny_llama(), cal_config(tok, levels=levels, rounding="nearest"), texts)
+    gptq = quantize(make_tiny_llama(), cal_config(tok, levels=levels), texts)
+    assert last_hidden_error(gptq, ref, ids) < last_hidden_error(nearest, ref, ids)
+
+
+@pytest.mark.parametrize("kw", [dict(act_order=False), dict(group_scales="dynamic"), dict(act_weighted_init=False)],
+                         ids=["natural-order", "dynamic-scales", "stored-scales"])  # fmt: skip
+def test_gptq_options_reduce_error(kw, tok, texts):
+    ref, ids = make_tiny_llama(), held_out_ids(tok)
+    rtn = quantize(make_tiny_llama(), PoTConfig(bits=3, group_size=32))
+    cal = quantize(make_tiny_llama(), cal_config(tok, **kw), texts)
+    assert last_hidden_error(cal, ref, ids) < last_hidden_error(rtn, ref, ids)
+
+
+def _codes(model):
+    from optimum_pot.format.packing import unpack
+
+    return {n: unpack(m.weight, m.bits, m.in_features) for n, m in model.named_modules() if isinstance(m, PoTLinear)}
+
+
+def test_step2_after_error_feedback_keeps_codes(tok, texts):
+    """PoTPTQ step 2 after error feedback learns scales with GPTQ's codes fixed, and lowers each block's error."""
+    plain, model = make_tiny_llama(), make_tiny_llama()
+    quantize(plain, cal_config(tok), texts)
+    cfg = cal_config(tok, refine_scales=True)
+    quantize(model, cfg)  # calibration-free first, then calibrate() with the float targets kept below
+    for name, m in make_tiny_llama().named_modules():
+        if name.startswith("model.layers") and isinstance(m, torch.nn.Linear):
+            model.get_submodule(name)._float_weight = m.weight.detach()
+    report = calibrate(model, cfg, texts, progress=False)
+    assert all(r["after"] < r["before"] and len(r["loss_per_epoch"]) == 2 for r in report)
+    first = [n for n in _codes(model) if n.startswith("model.layers.0.")]
+    a, b = _codes(plain), _codes(model)
+    assert all(torch.equal(a[n], b[n]) for n in first)  # block 0: same inputs, same codes
+    assert not all(torch.equal(plain.get_submodule(n).weight_scale, model.get_submodule(n).weight_scale)
+                   for n in first)  # fmt: skip
+
+
 def test_report_per_block_error_falls(tok, texts):
     model = make_tiny_llama()
     cfg = cal_config(tok)
@@ -64,6 +107,9 @@ def test_report_per_block_error_falls(tok, texts):
             model.get_submodule(name)._float_weight = m.weight.detach()
     report = calibrate(model, cfg, texts, progress=False)
     assert len(report) == 2 and all(r["after"] < r["before"] for r in report)
+    assert all(r["float_block_mb"] > 0 and r["activations_mb"] > 0 and r["cpu_seconds"] > 0 for r in report)
+    assert all(0 <= e < 1 for r in report for e in r["layer_error"].values())
+    assert model.pot_calibration_report is report
     assert not any(hasattr(m, "_float_weight") for m in model.modules())  # float targets are dropped
 
 
@@ -96,14 +142,19 @@ def test_empty_dataset_raises(tok, data):
         quantize(make_tiny_llama(), cal_config(tok), data)
 
 
-def test_too_short_samples_raise(tok):
+def test_too_short_samples_raise(tok, texts):
     with pytest.raises(ValueError, match="lower PoTConfig\\(seq_len"):
         quantize(make_tiny_llama(), cal_config(tok, seq_len=512), ["a short sentence."])
+    with pytest.raises(ValueError, match="fewer than num_samples=8.*lower PoTConfig\\(num_samples=3\\)"):
+        quantize(make_tiny_llama(), cal_config(tok), ["x" * (3 * SEQ + 10)])  # one token per byte: 3 samples
 
 
 @pytest.mark.parametrize(
-    "field,value", [("calibration_batch_size", 0), ("act_weighted_init", "yes")], ids=["batch0", "awi-str"]
-)
+    "field,value",
+    [("calibration_batch_size", 0), ("act_weighted_init", "yes"), ("rounding", "gptq2"), ("group_scales", "x"),
+     ("gptq_block_size", 0), ("act_order", 1), ("refine_scales", "no")],
+    ids=["batch0", "awi-str", "rounding", "group-scales", "block0", "act-order-int", "refine-str"],
+)  # fmt: skip
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         PoTConfig(**{field: value})
@@ -159,14 +210,45 @@ def test_optimum_quantizer_interface(tok, texts, tmp_path, tiny_llama_path):
         PoTQuantizer(make_tiny_llama()).quantize(tmp_path, quantization_config=PoTConfig(), bits=3)
 
 
+def test_all_routes_run_the_same_pipeline(tok, texts, tmp_path, tiny_llama_path):
+    """quantize(), from_pretrained(dataset=...), PoTQuantizer and the CLI's --dataset give bit-identical checkpoints."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from optimum_pot.cli.main import main
+
+    data, src = tmp_path / "calibration.txt", tmp_path / "float"
+    data.write_text("\n\n".join(texts[:60]), encoding="utf-8")
+    shutil.copytree(tiny_llama_path, src)
+    tok.save_pretrained(src)  # the CLI takes the checkpoint's own tokenizer
+    fields = dict(bits=3, group_size=32, num_samples=4, seq_len=SEQ)
+    routes = {
+        "quantize": quantize(AutoModelForCausalLM.from_pretrained(src), PoTConfig(**fields, tokenizer=tok), str(data)),
+        "from_pretrained": AutoModelForCausalLM.from_pretrained(
+            src, quantization_config=PoTConfig(**fields, tokenizer=tok, dataset=str(data))
+        ),
+        "optimum": PoTQuantizer.from_pretrained(src).quantize(
+            tmp_path / "optimum", quantization_config=PoTConfig(**fields), dataset=str(data)
+        ),
+    }
+    argv = ["quantize", str(src), str(tmp_path / "cli"), "--bits", "3", "--group-size", "32", "--dataset", str(data)]
+    assert main(argv + ["--num-samples", "4", "--seq-len", str(SEQ)]) == 0
+    routes["cli"] = AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    for name, model in routes.items():
+        assert model.pot_calibration_report if name != "cli" else True
+        _assert_same_packed(routes["quantize"], model)
+
+
 @pytest.mark.slow
 def test_smollm2_calibration_beats_rtn():
-    """4-bit PoT on SmolLM2: calibration lowers perplexity below the calibration-free quantisation's."""
-    from conftest import WIKITEXT_TEST
+    """4-bit sp2 on SmolLM2: calibration lowers perplexity below the calibration-free quantisation's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_pot.utils.models import smollm2_checkpoint
     from optimum_pot.utils.perplexity import perplexity
+
+    from .conftest import WIKITEXT_TEST
 
     path = smollm2_checkpoint()
     tk = AutoTokenizer.from_pretrained(path)
@@ -174,23 +256,7 @@ def test_smollm2_calibration_beats_rtn():
     rtn = AutoModelForCausalLM.from_pretrained(path, quantization_config=PoTConfig(**cfg))
     cal = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=PoTConfig(**cfg, dataset=WIKITEXT_VALID, tokenizer=tk, num_samples=8, epochs=1),
+        quantization_config=PoTConfig(**cfg, dataset=WIKITEXT_VALID, tokenizer=tk, num_samples=8),
     )
     ppl = [perplexity(m, tk, WIKITEXT_TEST, 512, max_windows=4, progress=False) for m in (rtn, cal)]
     assert ppl[1] < ppl[0]
-
-
-@pytest.mark.parametrize("zero_level", [True, False], ids=["zero", "nozero"])
-@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
-def test_weighted_search_matches_reference_search(bits, zero_level):
-    """The fast coarse-to-fine search finds scales as good as step 1's exhaustive one (same weighted error)."""
-    from optimum_pot.calibration.init_scales import weighted_search_scales
-    from optimum_pot.format.scale_search import search_scales, weight_error
-
-    torch.manual_seed(bits)
-    w, imp = torch.randn(48, 200) * torch.rand(200), torch.rand(200) ** 4
-    fast = weighted_search_scales(w, 32, bits, zero_level, imp)
-    ref = search_scales(w, 32, bits, zero_level, importance=imp)
-    assert torch.equal(fast, fast.half().float())  # stored exactly in float16
-    err = [weight_error(w, s, 32, bits, zero_level, imp).sum().item() for s in (fast, ref)]
-    assert err[0] <= err[1] * 1.01

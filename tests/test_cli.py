@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from .conftest import WIKITEXT_VALID, byte_tokenizer
 
+from optimum_pot import FORMAT_VERSION, PoTConfig
 from optimum_pot.cli.main import main
+
+from .conftest import WIKITEXT_VALID, byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +36,45 @@ def test_quantize_writes_checkpoint_tokenizer_and_card(quantized_dir, capsys):
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= files
     with open(os.path.join(quantized_dir, "config.json")) as f:
         quant = json.load(f)["quantization_config"]
-    assert (quant["quant_method"], quant["bits"], quant["group_size"], quant["format_version"]) == ("pot", 3, 32, 1)
+    assert (quant["quant_method"], quant["bits"], quant["group_size"]) == ("pot", 3, 32)
+    assert quant["format_version"] == FORMAT_VERSION
     assert quant["eval_perplexity"] > 1 and quant["eval_text"] == "wikitext-2/valid.txt"
     assert (quant["eval_seq_len"], quant["eval_windows"]) == (64, 2)
     with open(os.path.join(quantized_dir, "README.md")) as f:
         card = f.read()
     assert "| bits | 3" in card and "| group size | 32" in card and f"{quant['eval_perplexity']:.2f}" in card
+
+
+def test_quantize_prints_the_settings_it_wrote(float_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["quantize", float_dir, out, "--bits", "2", "--group-size", "24", "--grid-points", "1"]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as f:
+        written = PoTConfig.from_dict(json.load(f)["quantization_config"])
+    assert (written.bits, written.group_size) == (2, 24)
+    assert f"PoT {written.level_set.id} (2-bit), group size 24" in printed, printed
+
+
+def test_quantize_refuses_a_pot_checkpoint(quantized_dir, tmp_path, capsys):
+    """A PoT MODEL would load with its own saved settings whatever the command line says: refused, naming why."""
+    out = tmp_path / "again"
+    assert main(["quantize", quantized_dir, str(out), "--bits", "4", "--group-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "already a PoT checkpoint" in err and "group size 32" in err and "float checkpoint" in err
+    assert not out.exists()
+
+
+def test_quantize_needs_overwrite_for_a_non_empty_output(float_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["quantize", float_dir, str(out), "--bits", "4", "--group-size", "32", "--grid-points", "1"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and sorted(os.listdir(out)) == ["notes.txt"]
+    assert main(argv + ["--overwrite"]) == 0
+    assert {"config.json", "model.safetensors", "notes.txt"} <= set(os.listdir(out))
+    (tmp_path / "empty").mkdir()  # an existing empty folder needs no --overwrite
+    assert main(argv[:2] + [str(tmp_path / "empty")] + argv[3:]) == 0
 
 
 def test_eval_matches_recorded_perplexity(quantized_dir, capsys):
@@ -88,7 +123,7 @@ def test_quantize_with_dataset(float_dir, tmp_path, capsys):
         (["quantize", "{missing}", "{out}"], "neither a checkpoint folder nor a Hub id"),
         (["quantize", "{empty}", "{out}"], "has no config.json"),
         (["quantize", "{float}", "{file}"], "is a file"),
-        (["quantize", "{float}", "{out}", "--group-size", "0"], "group_size must be a positive integer"),
+        (["quantize", "{float}", "{out}", "--group-size", "0"], "group_size must be"),
         (["quantize", "{float}", "{out}", "--eval-text", "{missing}"], "no such file"),
         (["eval", "{float}", "--text-file", "{missing}"], "no such file"),
         (["eval", "{float}", "--text-file", WIKITEXT_VALID, "--seq-len", "1"], "--seq-len must be >= 2"),

@@ -2,11 +2,15 @@
 
 import pytest
 import torch
-from .conftest import make_tiny_gpt2, make_tiny_llama
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from optimum_pot import PoTConfig, PoTLinear, quantize
-from optimum_pot.qat import PoTFakeQuantLinear, PoTQATCallback, convert_qat, is_qat_prepared, prepare_qat
+from optimum_pot.format.levels import fake_quantize
+from optimum_pot.format.scale_search import search_scales
+from optimum_pot.qat import PoTFakeQuantLinear, PoTQATCallback, convert_qat, is_qat_prepared, prepare_qat, ste
+
+from .conftest import make_tiny_gpt2, make_tiny_llama
+from .level_sets import ALL_LEVEL_SETS, ids
 
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
@@ -36,6 +40,29 @@ def trainer_for(model, out, steps, callbacks=(), save_steps=None, lr=1e-3):
 
 def packed_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("weight_scale", ".weight"))}
+
+
+@pytest.mark.parametrize("level_set", ALL_LEVEL_SETS, ids=ids)
+@pytest.mark.parametrize("shape,group_size", [((24, 96), 32), ((10, 72), 32)], ids=["whole", "partial"])
+def test_chunked_ste_equals_the_generic_fake_quantize(level_set, shape, group_size, monkeypatch):
+    """Same values (bit for bit) and gradients as format.levels.fake_quantize, across chunk boundaries."""
+    monkeypatch.setattr(ste, "CHUNK_ELEMENTS", 96)  # several chunks even on these small weights
+    torch.manual_seed(0)
+    w0 = torch.randn(shape) * 0.05
+    s0, z0 = search_scales(w0, level_set, group_size, 4)
+    grad = torch.randn(shape)
+    results = []
+    for fn in (fake_quantize, ste.fake_quantize_ste):
+        w, s = w0.clone().requires_grad_(), (s0 * 1.1).requires_grad_()
+        z = None if z0 is None else z0.clone().requires_grad_()
+        q = fn(w, s, z, group_size, level_set)
+        q.backward(grad)
+        results.append((q.detach(), w.grad, s.grad, None if z is None else z.grad))
+    (q_a, w_a, s_a, z_a), (q_b, w_b, s_b, z_b) = results
+    assert torch.equal(q_a, q_b) and torch.equal(w_a, w_b)
+    torch.testing.assert_close(s_b, s_a, rtol=1e-5, atol=1e-6)
+    if z_a is not None:
+        torch.testing.assert_close(z_b, z_a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +131,8 @@ def test_trainer_qat_saves_packed_checkpoint_and_reloads_bit_exact(tmp_path):
         torch.testing.assert_close(reloaded(x).logits, model(x).logits, atol=0, rtol=0)
 
 
-def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+def test_resume_from_checkpoint_is_bit_exact(tmp_path):
+    """2 steps, checkpoint, a fresh process-like restart resumed to 4 steps == 4 straight steps, every tensor."""
     cfg = PoTConfig(bits=4, group_size=32)
     full = make_tiny_llama()
     trainer_for(full, tmp_path / "a", 4, [PoTQATCallback(cfg)]).train()
@@ -113,9 +141,32 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     resumed = make_tiny_llama()  # a fresh float model, as after a crash
     trainer = trainer_for(resumed, tmp_path / "b", 4, [PoTQATCallback(cfg)], save_steps=2)
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
-    a, b = packed_state(full), packed_state(resumed)
-    mismatch = [k for k in a if not torch.allclose(a[k].float(), b[k].float(), atol=1e-6)]
-    assert len(mismatch) == 0, mismatch
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and any(k.endswith("weight_scale") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize(
+    "resume_cfg,match",
+    [
+        (PoTConfig(bits=3, group_size=32), "levels sp2:4:offset \\(this config: sp2:3:offset\\)"),
+        (PoTConfig(bits=4, group_size=16), "scale groups"),
+        (PoTConfig(bits=4, group_size=32, levels="pot"), "levels sp2:4:offset .* offset=True"),
+    ],
+    ids=["other-bits", "other-group-size", "other-levels-no-offset"],
+)
+def test_resume_with_another_config_raises(tmp_path, resume_cfg, match):
+    cfg = PoTConfig(bits=4, group_size=32)
+    trainer_for(make_tiny_llama(), tmp_path, 1, [PoTQATCallback(cfg, convert_at_end=False)], save_steps=1).train()
+    trainer = trainer_for(make_tiny_llama(), tmp_path, 2, [PoTQATCallback(resume_cfg)], save_steps=1)
+    with pytest.raises(ValueError, match=f"cannot be resumed with this PoTConfig.*{match}.*same bits, levels"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_callback_on_a_packed_model_raises(tmp_path):
+    model = quantize(make_tiny_llama(), PoTConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match="needs a float model.*Load the float checkpoint"):
+        trainer_for(model, tmp_path, 1, [PoTQATCallback(PoTConfig(bits=4))])
 
 
 def test_trainer_trains_a_loaded_pot_model_without_adapters(tiny_llama_path, tmp_path):

@@ -1,48 +1,54 @@
-"""``calibrate``: PoTPTQ step 2 over a whole model, one decoder block at a time."""
+"""``calibrate``: calibrated PTQ over a whole model, one decoder block at a time."""
 
 import logging
 import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..format.weights import quantize_weight
-from .blocks import BlockInputs, block_output, capture_inputs, find_blocks
+from .allocation import allocate_bits
+from .blocks import capture_inputs, find_blocks
 from .data import calibration_samples
-from .refine import float_block, optimise, pot_modules, relative_error, trainable_block
+from .options import refines_scales
+from .refine import refine_block
+from .sequential import gptq_block
 from .weights import FloatWeights
 
 logger = logging.getLogger(__name__)
 
-# Above this many bytes of cached activations (inputs + targets), an accelerator keeps them in CPU memory.
+# Above this many bytes of cached activations (inputs + outputs), an accelerator keeps them in CPU memory.
 OFFLOAD_BYTES = 2 << 30
-# Samples used to measure each block's error before refinement (the error after it comes for free).
-ERROR_SAMPLES = 8
 
 
 def _cache_device(device: torch.device, samples: torch.Tensor, hidden_size: int) -> torch.device:
-    size = 2 * samples.numel() * hidden_size * 4  # inputs and targets, float32
+    size = 2 * samples.numel() * hidden_size * 4  # inputs and outputs, float32
     return torch.device("cpu") if device.type != "cpu" and size > OFFLOAD_BYTES else device
 
 
 def calibrate(model: nn.Module, config, dataset, progress: bool = True) -> list[dict]:
-    """Refines the scales of a PoT-quantised ``model`` in place on calibration text (PoTPTQ step 2).
+    """Calibrates a quantised ``model`` in place on calibration text, block by block (docs/calibration.md).
 
-    Block by block, with the outputs of the already-refined blocks as inputs, a per-group scale residual ``Γ`` is
-    learned so the quantised block reproduces the float block (see ``refine.py``); codes are then re-derived from
-    the float weights and the learned scale and re-packed into each ``PoTLinear``.
+    Block ``i`` sees the outputs of the already-calibrated blocks ``< i``. With ``config.rounding="gptq"`` (the
+    default) each layer's codes come from error-feedback rounding through its input Hessian (``sequential.py``,
+    ``gptq.py``); with ``"nearest"`` from the nearest level. PoTPTQ step 2 (a learned per-group scale residual,
+    ``refine.py``) follows when ``config.refine_scales`` asks for it (by default only after ``"nearest"``). With
+    ``config.bit_budget``, each layer's bits are chosen first (``allocation.py``) and written into
+    ``config.module_bits``. Results are packed into each ``PoTLinear``.
 
     Args:
         model (`torch.nn.Module`): a model whose linear layers are ``PoTLinear`` (see ``weights.py`` for where the
             float targets come from).
-        config (`PoTConfig`): ``tokenizer``, ``num_samples``, ``seq_len``, ``epochs``, ``learning_rate``,
-            ``reg_lambda``, ``calibration_batch_size``, ``act_weighted_init``.
+        config (`PoTConfig`): ``tokenizer``, ``num_samples``, ``seq_len`` and the calibration fields.
         dataset: list of strings, ``datasets.Dataset``, dataset name or text file path.
-        progress (`bool`): show a progress bar per block.
+        progress (`bool`): show a progress bar over the blocks (with each block's error before and after).
 
     Returns:
-        `list[dict]`: per block, its relative output error before and after refinement and the time it took.
+        `list[dict]`: per block: ``before`` / ``after`` relative output error against the float block (on the first
+        ``ERROR_SAMPLES`` samples; before = the calibration-free quantisation), ``seconds``, ``cpu_seconds``,
+        ``float_block_mb`` and ``activations_mb`` (the working set); with a budget, a first ``{"allocation": ...}``.
     """
+    config.post_init()
     samples = calibration_samples(dataset, config.tokenizer, config.num_samples, config.seq_len)
     prefix, blocks = find_blocks(model)
     weights = FloatWeights(model)
@@ -56,45 +62,24 @@ def calibrate(model: nn.Module, config, dataset, progress: bool = True) -> list[
     hidden = [h.float().to(cache) for h in inputs.hidden]
     inputs.hidden = []
     report = []
-    for i, block in enumerate(blocks):
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            hidden, row = _calibrate_block(f"{prefix}.{i}", block, weights, inputs, hidden, config, progress)
-        row.update(block=i, seconds=time.perf_counter() - t0)
+    if config.bit_budget is not None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        spent = allocate_bits(model, prefix, blocks, weights, inputs, hidden, config, progress)
+        spent.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+        report.append({"allocation": spent})
+    step = refine_block if config.rounding == "nearest" else gptq_block
+    bar = tqdm(blocks, desc="calibrating", unit="block", disable=not progress)
+    for i, block in enumerate(bar):
+        t0, c0 = time.perf_counter(), time.process_time()
+        hidden, row = step(f"{prefix}.{i}", block, weights, inputs, hidden, config, progress)
+        row.update(block=i, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
         report.append(row)
-        logger.info("block %d: relative error %.3e -> %.3e (%.1fs)", i, row["before"], row["after"], row["seconds"])
+        bar.set_postfix_str(f"block {i} error {row['before']:.2e} -> {row['after']:.2e}")
+        logger.info("block %d: relative output error %.3e -> %.3e (%.1f s, %.1f CPU s)", i, row["before"],
+                    row["after"], row["seconds"], row["cpu_seconds"])  # fmt: skip
     model.train(was_training)
+    model.pot_calibration_report = report  # what from_pretrained's caller can read back (timings, errors, budget)
     return report
 
 
-def _calibrate_block(name, block, weights, inputs: BlockInputs, hidden, cfg, progress) -> tuple[list, dict]:
-    """Refines one block; returns the next block's inputs and this block's error report."""
-    mods = pot_modules(block)
-    with torch.no_grad():
-        if not mods:  # nothing to learn: pass the activations on
-            return [block_output(block, x, inputs).float().to(x.device) for x in hidden], {"before": 0.0, "after": 0.0}
-        device = mods[0][1].weight.device
-        w = {n: weights.get(f"{name}.{n}", m).to(device) for n, m in mods}
-        fblock = float_block(block, w).eval()
-        targets = [block_output(fblock, x, inputs).to(x.device) for x in hidden]
-        importance = {n: m.sq_sum / m.rows for n, m in fblock.named_modules() if hasattr(m, "sq_sum")}
-        del fblock
-        tblock = trainable_block(block, w, importance if cfg.act_weighted_init else None, cfg).eval()
-        k = min(ERROR_SAMPLES, len(hidden))
-        before = relative_error(tblock, inputs, hidden[:k], targets[:k])
-    history = optimise(tblock, inputs, hidden, targets, cfg, f"calibrating {name}", progress)
-    with torch.no_grad():
-        for n, m in mods:
-            fq = tblock.get_submodule(n)
-            packed, scale, offset = quantize_weight(
-                w[n], m.level_set, m.group_size, name=f"{name}.{n}", scale=fq.final_scale(), offset=fq.offset
-            )
-            m.set_quantized(packed, scale, offset)
-            fq.scale.copy_(scale.float())  # the stored scale, so the next inputs are the quantised block's outputs
-            if offset is not None:
-                fq.offset.copy_(offset.float())
-            fq.gamma.zero_()
-            FloatWeights.release(m)
-        after = relative_error(tblock, inputs, hidden[:k], targets[:k])
-        nxt = [block_output(tblock, x, inputs).to(x.device) for x in hidden]
-    return nxt, {"before": before, "after": after, "loss_per_epoch": history}
+__all__ = ["calibrate", "refines_scales"]

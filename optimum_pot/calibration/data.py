@@ -1,13 +1,10 @@
 """Calibration data: text (strings, a ``datasets.Dataset``, a dataset name or a file) → token samples ``[S, L]``."""
 
-import logging
 from typing import Any
 
 import torch
 
 from ..utils.text import load_texts
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_tokenizer(tokenizer: Any):
@@ -34,7 +31,10 @@ def calibration_samples(dataset: Any, tokenizer: Any, num_samples: int, seq_len:
     Args:
         dataset: list of strings, ``datasets.Dataset`` with a ``text`` column, dataset name or text file path.
         tokenizer: tokenizer object, name or path.
-        num_samples (`int`): windows wanted; fewer are used (with a warning) when the text is shorter.
+        num_samples (`int`): windows wanted.
+
+    Raises:
+        ValueError: no tokenizer, no text, or text too short for ``num_samples`` windows of ``seq_len`` tokens.
         seq_len (`int`): tokens per window.
     """
     tokenizer = resolve_tokenizer(tokenizer)
@@ -52,7 +52,10 @@ def calibration_samples(dataset: Any, tokenizer: Any, num_samples: int, seq_len:
             "pass more (or longer) text, or lower PoTConfig(seq_len=...)."
         )
     if total < num_samples:
-        logger.warning("Calibration text gives %d samples of %d tokens (%d asked for).", total, seq_len, num_samples)
+        raise ValueError(
+            f"The calibration text has {ids.numel()} tokens: only {total} samples of seq_len={seq_len} tokens, fewer "
+            f"than num_samples={num_samples}. Pass more text, or lower PoTConfig(num_samples={total}) or seq_len."
+        )
     windows = ids[: total * seq_len].reshape(total, seq_len)  # [W, L]
     pick = torch.linspace(0, total - 1, min(num_samples, total)).round().long().unique()
     return windows[pick]  # [S, L]

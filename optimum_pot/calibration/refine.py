@@ -1,8 +1,13 @@
 """PoTPTQ step 2 for one block: learn per-group scale residuals ``Γ`` (``ŝ = s·(1+Γ)``) on the block's output.
 
 The loss is the block-output error against the float block, relative to the target's energy (so one ``λ`` and one
-learning rate suit every block, whatever its activation scale), plus ``λ·mean(Γ²)``. Exponents are re-derived from
-``ŝ`` at every step (``fake_quantize``: detached codes, gradient to the scale), and Adam updates ``Γ``.
+learning rate suit every block, whatever its activation scale), plus ``λ·mean(Γ²)``. Two forms:
+
+* after nearest rounding (``FakeQuantLinear``): codes are re-derived from ``ŝ`` at every step (``fake_quantize``:
+  detached codes, gradient to the scale);
+* after error-feedback rounding (``FixedGridLinear``): the codes GPTQ chose are kept (re-deriving them from the float
+  weight would undo its rounding) and ``Γ`` scales each group's grid, offset included: ``w = (1+Γ)·(s·L + z)``,
+  so a level that sat exactly on zero stays there.
 """
 
 import copy
@@ -13,10 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..format.levels import fake_quantize
+from ..format.groups import expand_groups
+from ..format.levels import fake_quantize, nearest_levels, unit_ratio
 from ..format.scale_search import round_scale, search_scales
+from ..format.weights import quantize_weight
 from ..nn.pot_linear import PoTLinear
 from .blocks import BlockInputs, block_output
+from .gptq import Rounded
+from .sequential import ERROR_SAMPLES, WorkLinear, nbytes, pot_modules, relative_error
 
 
 class FakeQuantLinear(nn.Module):
@@ -38,7 +47,6 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("offset", offset)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.gamma = nn.Parameter(torch.zeros_like(scale))
-        self.importance: torch.Tensor | None = None  # [K] mean squared input, recorded on request
 
     def refined_scale(self) -> torch.Tensor:
         """``ŝ = s·(1+Γ)``, kept positive (a non-positive scale would flip or erase the whole group)."""
@@ -55,8 +63,48 @@ class FakeQuantLinear(nn.Module):
         return round_scale(self.refined_scale().detach())
 
 
+class FixedGridLinear(nn.Module):
+    """Step 2 after error-feedback rounding: the codes are fixed, ``Γ`` scales each group's grid (offset included).
+
+    Args:
+        rounded (`Rounded`): the rounded weight and its grid.
+        bias (`torch.Tensor`, *optional*): ``[N]``.
+        level_set, group_size: the layer's format.
+    """
+
+    def __init__(self, rounded: Rounded, bias, level_set, group_size: int):
+        super().__init__()
+        k = rounded.weight.shape[1]
+        self.group_size, self.k = group_size, k
+        s = expand_groups(rounded.scale, group_size, k)
+        z = None if rounded.offset is None else expand_groups(rounded.offset, group_size, k)
+        self.register_buffer("unit", nearest_levels(unit_ratio(rounded.weight, s, z), level_set))  # L[code] [N, K]
+        self.register_buffer("scale", rounded.scale.float())
+        self.register_buffer("offset", None if rounded.offset is None else rounded.offset.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.gamma = nn.Parameter(torch.zeros_like(self.scale))
+
+    def grid(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.scale * factor, None if self.offset is None else self.offset * factor
+
+    def weight_for(self, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        w = expand_groups(scale, self.group_size, self.k) * self.unit
+        return w if offset is None else w + expand_groups(offset, self.group_size, self.k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_for(*self.grid((1 + self.gamma).clamp_min(1e-3)))
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def result(self, error: float) -> Rounded:
+        """The learned grid rounded to the stored float16, and the weight on exactly that grid."""
+        s, z = self.grid((1 + self.gamma).clamp_min(1e-3))
+        s, z = round_scale(s), None if z is None else round_scale(z)
+        return Rounded(self.weight_for(s, z), s, z, error)
+
+
 class FloatLinear(nn.Module):
-    """The float target layer; optionally accumulates the mean squared input per column (activation importance)."""
+    """The float target layer; accumulates the mean squared input per column (activation importance)."""
 
     def __init__(self, weight, bias):
         super().__init__()
@@ -69,10 +117,6 @@ class FloatLinear(nn.Module):
         self.sq_sum = flat.pow(2).sum(0) + (0 if self.sq_sum is None else self.sq_sum)
         self.rows += flat.shape[0]
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-def pot_modules(block: nn.Module) -> list[tuple[str, PoTLinear]]:
-    return [(n, m) for n, m in block.named_modules() if isinstance(m, PoTLinear)]
 
 
 def float_block(block: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
@@ -103,42 +147,86 @@ def trainable_block(block: nn.Module, weights, importance, cfg) -> nn.Module:
     return out
 
 
-@torch.no_grad()
-def relative_error(block: nn.Module, inputs: BlockInputs, hidden: list, targets: list) -> float:
-    """``Σ‖block(x) − y‖² / Σ‖y‖²`` over the cached samples."""
-    num = den = 0.0
-    for x, y in zip(hidden, targets):
-        out = block_output(block, x.float(), inputs)
-        num += (out - y.float()).pow(2).sum().item()
-        den += y.float().pow(2).sum().item()
-    return num / max(den, 1e-30)
-
-
-def optimise(
-    block: nn.Module, inputs: BlockInputs, hidden: list, targets: list, cfg, desc: str, progress: bool = True
-) -> list[float]:
+def optimise(block: nn.Module, inputs: BlockInputs, hidden: list, targets: list, cfg, desc: str,
+             progress: bool = True) -> list[float]:  # fmt: skip
     """Adam on every ``Γ`` of ``block`` for ``cfg.epochs`` passes; returns the mean loss of each epoch."""
-    gammas = [m.gamma for m in block.modules() if isinstance(m, FakeQuantLinear)]
+    gammas = [m.gamma for m in block.modules() if isinstance(m, FakeQuantLinear | FixedGridLinear)]
     opt = torch.optim.Adam(gammas, lr=cfg.learning_rate)
     bs = cfg.calibration_batch_size
     order = torch.Generator().manual_seed(0)
     history = []
     bar = tqdm(total=cfg.epochs * math.ceil(len(hidden) / bs), desc=desc, leave=False, disable=not progress)
-    for _ in range(cfg.epochs):
-        total = 0.0
-        perm = torch.randperm(len(hidden), generator=order).tolist()
-        for i in range(0, len(perm), bs):
-            idx = perm[i : i + bs]
-            x = torch.cat([hidden[j] for j in idx]).float()  # [B, L, H]
-            y = torch.cat([targets[j] for j in idx]).float()
-            err = (block_output(block, x, inputs) - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-12)
-            loss = err + cfg.reg_lambda * torch.stack([g.pow(2).mean() for g in gammas]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += err.item() * len(idx)
-            bar.update(1)
-            bar.set_postfix(loss=f"{err.item():.3e}")
-        history.append(total / len(hidden))
+    with torch.enable_grad():
+        for _ in range(cfg.epochs):
+            total = 0.0
+            perm = torch.randperm(len(hidden), generator=order).tolist()
+            for i in range(0, len(perm), bs):
+                idx = perm[i : i + bs]
+                x = torch.cat([hidden[j] for j in idx]).float()  # [B, L, H]
+                y = torch.cat([targets[j] for j in idx]).float()
+                err = (block_output(block, x, inputs) - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-12)
+                loss = err + cfg.reg_lambda * torch.stack([g.pow(2).mean() for g in gammas]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += err.item() * len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{err.item():.3e}")
+            history.append(total / len(hidden))
     bar.close()
     return history
+
+
+def refine_rounded(block, rounded: dict, modules: dict, inputs, hidden, targets, cfg, desc, progress) -> list[float]:
+    """Step 2 on a working block whose layers hold rounded weights (codes fixed); updates ``rounded`` in place.
+
+    ``modules`` maps each name to its ``PoTLinear`` (level set, group size).
+    """
+    for name, r in rounded.items():
+        m = modules[name]
+        block.set_submodule(name, FixedGridLinear(r, block.get_submodule(name).bias, m.level_set, m.group_size))
+    history = optimise(block, inputs, hidden, targets, cfg, desc, progress)
+    for name in list(rounded):
+        layer = block.get_submodule(name)
+        rounded[name] = layer.result(rounded[name].error)
+        block.set_submodule(name, WorkLinear(rounded[name].weight, layer.bias))
+    return history
+
+
+def refine_block(name, block, weights, inputs: BlockInputs, hidden, cfg, progress) -> tuple[list, dict]:
+    """Nearest rounding + step 2 (``rounding="nearest"``): learns ``Γ`` with codes re-derived at every step."""
+    from .weights import FloatWeights
+
+    mods = pot_modules(block)
+    with torch.no_grad():
+        if not mods:  # nothing to learn: pass the activations on
+            return [block_output(block, x, inputs).float().to(x.device) for x in hidden], {"before": 0.0, "after": 0.0}
+        device = mods[0][1].weight.device
+        w = {n: weights.get(f"{name}.{n}", m).to(device) for n, m in mods}
+        fblock = float_block(block, w).eval()
+        targets = [block_output(fblock, x, inputs).to(x.device) for x in hidden]
+        importance = {n: m.sq_sum / m.rows for n, m in fblock.named_modules() if hasattr(m, "sq_sum")}
+        del fblock
+        k = min(ERROR_SAMPLES, len(hidden))
+        stored = trainable_block(block, w, None, cfg).eval()  # Γ = 0 on the stored scales: the calibration-free one
+        before = relative_error([block_output(stored, x, inputs) for x in hidden[:k]], targets[:k])
+        del stored
+        tblock = trainable_block(block, w, importance if cfg.act_weighted_init else None, cfg).eval()
+    history = optimise(tblock, inputs, hidden, targets, cfg, f"step 2 {name}", progress)
+    with torch.no_grad():
+        for n, m in mods:
+            fq = tblock.get_submodule(n)
+            packed, scale, offset = quantize_weight(
+                w[n], m.level_set, m.group_size, name=f"{name}.{n}", scale=fq.final_scale(), offset=fq.offset
+            )
+            m.set_quantized(packed, scale, offset)
+            fq.scale.copy_(scale.float())  # the stored scale, so the next inputs are the quantised block's outputs
+            if offset is not None:
+                fq.offset.copy_(offset.float())
+            fq.gamma.zero_()
+            FloatWeights.release(m)
+        nxt = [block_output(tblock, x, inputs).to(x.device) for x in hidden]
+        after = relative_error(nxt[:k], targets[:k])
+    mb = nbytes([*tblock.parameters(), *tblock.buffers()]) / 2**20
+    return nxt, {"before": before, "after": after, "loss_per_epoch": history, "float_block_mb": mb,
+                 "activations_mb": nbytes([*hidden, *nxt, *targets]) / 2**20}  # fmt: skip

@@ -28,11 +28,12 @@ def int_values(bits: int, zero_level: bool) -> tuple[float, ...]:
     return tuple(float(c - half) for c in range(1 << bits))
 
 
-# Two-term tables, ascending, chosen by measurement (docs/levels.md, bench/levels.py).
+# Two-term tables, ascending, chosen by measurement (docs/levels.md, bench/levels.py): integers up to 128 (the int8
+# CPU kernel's limit), each a sum of at most two signed powers of two (62 = 64 - 2, 18 = 16 + 2, 56 = 64 - 8).
 SP2_TABLES = {
-    4: (-8.0, -6.0, -4.5, -3.5, -2.5, -1.75, -1.0, -0.5, 0.0, 0.5, 1.0, 1.75, 2.5, 3.5, 4.5, 6.0),
-    3: (-4.0, -2.5, -1.25, -0.5, 0.5, 1.25, 2.5, 4.0),
-    2: (-2.0, -0.5, 0.5, 2.0),
+    4: (-80.0, -62.0, -48.0, -36.0, -28.0, -18.0, -10.0, -3.0, 5.0, 12.0, 20.0, 28.0, 36.0, 48.0, 62.0, 80.0),
+    3: (-56.0, -36.0, -20.0, -6.0, 6.0, 20.0, 36.0, 56.0),
+    2: (-10.0, -3.0, 3.0, 10.0),
 }
 
 

@@ -7,7 +7,7 @@ id stored in ops and checkpoints back into it.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 
 from .level_set import LevelSet
 
@@ -55,7 +55,7 @@ def get_family(name: str) -> Family:
     return _FAMILIES[name]
 
 
-@cache
+@lru_cache(maxsize=None, typed=True)  # typed: 4.0 and True must not hit the cached 4 and 1
 def get_level_set(name: str, bits: int, zero_level: bool | None = None, offset: bool | None = None) -> LevelSet:
     """The level set of family ``name`` at ``bits``.
 

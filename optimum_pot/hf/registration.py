@@ -1,21 +1,20 @@
 """Registers ``"pot"`` with transformers' auto-quantizer maps, once per process."""
 
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 QUANT_METHOD = "pot"
 
 
 def register() -> None:
-    """Idempotent: re-importing (e.g. reloading the module) never registers twice."""
+    """Puts ``PoTConfig`` / ``PoTHfQuantizer`` under ``"pot"``. Idempotent.
+
+    Replaces the lazy placeholders of ``optimum_pot_autoload`` (which import optimum_pot on first use); leaves a
+    class registered by anything else (e.g. an earlier import of a reloaded module) in place.
+    """
     from ..config import PoTConfig
     from .quantizer import PoTHfQuantizer
 
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(PoTConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(PoTHfQuantizer)
+    for mapping, cls in ((AUTO_QUANTIZATION_CONFIG_MAPPING, PoTConfig), (AUTO_QUANTIZER_MAPPING, PoTHfQuantizer)):
+        current = mapping.get(QUANT_METHOD)
+        if current is None or getattr(current, "_optimum_pot_placeholder", False):
+            mapping[QUANT_METHOD] = cls

@@ -18,7 +18,9 @@ from .checks import check_activation, check_packed
 from .reference import pot_linear_reference
 
 BACKENDS = ("auto", "reference", "cpu", "cpu_int8", "triton")
-AUTO_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton",)}
+# Backends "auto" tries, in order, per device; a kernel registered under "auto" itself (the CPU's: int8 activations
+# for decode-sized inputs where the CPU runs them, else exact fp32) chooses per input.
+AUTO_PREFERENCE = {"cpu": ("auto", "cpu"), "cuda": ("triton",)}
 
 # (device_type, backend) -> (kernel, is_available)
 _KERNELS: dict[tuple[str, str], tuple[Callable, Callable[[], bool]]] = {}

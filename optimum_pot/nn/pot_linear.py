@@ -94,8 +94,8 @@ class PoTLinear(nn.Module):
         level_set: LevelSet,
         group_size: int,
         backend: str = "auto",
-        grid_points: int = 16,
-        refine_steps: int = 2,
+        grid_points: int | None = None,
+        refine_steps: int | None = None,
         name: str = "",
         scale: torch.Tensor | None = None,
         offset: torch.Tensor | None = None,
@@ -133,7 +133,12 @@ class PoTLinear(nn.Module):
         if self._needs_grad(x):
             return pot_linear(*args, self.level_set.id, self.group_size, self.in_features, self.backend)
         if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
-            # Graphs and fake/meta tensors need an op; the one without autograd dispatches ~4x faster.
+            # Graphs and fake/meta tensors need an op. A kernel that is itself one C++ torch op (the CPU kernels) is
+            # traced directly, so graphs and AOTInductor packages hold that op, not a Python-implemented one;
+            # otherwise the op without autograd, which dispatches ~4x faster than the one with it.
+            kernel = resolve(x.device.type, self.backend) if x.device.type in ("cpu", "cuda") else None
+            if getattr(kernel, "traceable", False):
+                return kernel(*args, self.level_set, self.group_size, self.in_features)
             return pot_linear_infer(*args, self.level_set.id, self.group_size, self.in_features, self.backend)
         # Eager inference: call the kernel directly. Even the lean op costs ~8 us a call, a sizeable part of a
         # small layer's GEMV at decode (docs/cpu_kernel.md). The packed tensors were checked when they were set.

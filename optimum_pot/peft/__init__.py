@@ -2,7 +2,7 @@
 
 from .registration import register, register_lazily
 
-__all__ = ["PoTLoraLinear", "merge_errors", "register", "register_lazily"]
+__all__ = ["PoTLoraLinear", "merge_and_requantize", "merge_errors", "register", "register_lazily"]
 
 
 def __getattr__(name):
@@ -11,4 +11,8 @@ def __getattr__(name):
         from . import lora
 
         return getattr(lora, name)
+    if name == "merge_and_requantize":
+        from .requantize import merge_and_requantize
+
+        return merge_and_requantize
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,10 +27,10 @@ class PoTLoraLinear(Linear):
         base_layer (`PoTLinear`): the packed layer (kept frozen).
         adapter_name (`str`): the adapter's name.
         config (`peft.LoraConfig`): the LoRA configuration (``r``, ``lora_alpha``, dropout, init).
-        grid_points (`int`, *optional*, defaults to 32): candidates of the scale search when merging.
+        grid_points (`int`, *optional*): candidates of the scale search when merging (default: the level set's).
     """
 
-    def __init__(self, base_layer, adapter_name: str, config, grid_points: int = 16, **kwargs):
+    def __init__(self, base_layer, adapter_name: str, config, grid_points: int | None = None, **kwargs):
         unsupported = [
             name for name in ("use_dora", "lora_bias", "use_bdlora", "velora_config", "kasa_config")
             if getattr(config, name, None)

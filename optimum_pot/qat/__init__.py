@@ -1,8 +1,18 @@
-"""Quantisation-aware training: fake-quantised float layers, the ``Trainer`` callback, conversion to packed."""
+"""Quantisation-aware training: fake-quantised float layers, the ``Trainer`` callback (optionally distilling the
+float model), conversion to packed."""
 
+from .distill import Distiller, check_teacher
 from .fake_quant import PoTFakeQuantLinear, convert_qat, is_qat_prepared, prepare_qat
 
-__all__ = ["PoTFakeQuantLinear", "PoTQATCallback", "convert_qat", "is_qat_prepared", "prepare_qat"]
+__all__ = [
+    "Distiller",
+    "PoTFakeQuantLinear",
+    "PoTQATCallback",
+    "check_teacher",
+    "convert_qat",
+    "is_qat_prepared",
+    "prepare_qat",
+]
 
 
 def __getattr__(name):

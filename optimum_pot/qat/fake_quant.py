@@ -4,8 +4,9 @@
 *same* float ``weight`` and ``bias`` parameters (so optimizer state and state-dict keys of the float model stay valid)
 and adds a learnable float32 ``weight_scale`` ``[N, G]`` (and ``weight_offset`` for level sets with offsets),
 initialised by the calibration-free search (``search_scales``). The forward pass quantises with
-:func:`~optimum_pot.format.levels.fake_quantize`: a straight-through estimator for the weight, true gradients for the
-scale and offset. ``convert_qat`` turns the trained layers into packed ``PoTLinear``.
+:func:`~optimum_pot.qat.ste.fake_quantize_ste` (the values and gradients of
+:func:`~optimum_pot.format.levels.fake_quantize`, computed in cache-sized chunks): a straight-through estimator for the
+weight, true gradients for the scale and offset. ``convert_qat`` turns the trained layers into packed ``PoTLinear``.
 """
 
 import torch
@@ -13,14 +14,25 @@ from torch import nn
 
 from ..api import resolve_targets
 from ..format.level_set import LevelSet
-from ..format.levels import fake_quantize
 from ..format.scale_search import search_scales
 from ..format.weights import quantize_weight
 from ..nn.convert import is_conv1d
 from ..nn.pot_linear import PoTLinear
+from .ste import fake_quantize_ste
 
 # Smallest scale the forward pass uses: a scale pushed to zero or below by the optimizer would flip every sign.
 _MIN_SCALE = 2.0**-24
+# Bytes of the level-set id stored in checkpoints ("sp2:4:offset" is 12): fixed so the buffer's shape never changes.
+_ID_BYTES = 32
+
+
+def _id_tensor(level_set: LevelSet) -> torch.Tensor:
+    raw = level_set.id.encode()[:_ID_BYTES]
+    return torch.tensor(list(raw) + [0] * (_ID_BYTES - len(raw)), dtype=torch.uint8)
+
+
+def _id_of(t: torch.Tensor) -> str:
+    return bytes(int(b) for b in t.tolist() if b).decode(errors="replace")
 
 
 def _fp16_ste(t: torch.Tensor, low: float = -65504.0) -> torch.Tensor:
@@ -55,8 +67,8 @@ class PoTFakeQuantLinear(nn.Module):
         module: nn.Module,
         level_set: LevelSet,
         group_size: int,
-        grid_points: int = 16,
-        refine_steps: int = 2,
+        grid_points: int | None = None,
+        refine_steps: int | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -70,6 +82,31 @@ class PoTFakeQuantLinear(nn.Module):
         scale, offset = search_scales(w.float(), level_set, self.group_size, grid_points, refine_steps=refine_steps)
         self.weight_scale = nn.Parameter(scale)
         self.weight_offset = nn.Parameter(offset) if offset is not None else None
+        # Saved with training checkpoints, so resuming with another level set fails loudly instead of silently
+        # decoding the learned scales on the wrong levels (same shapes at 3 and 4 bits).
+        self.register_buffer("weight_levels", _id_tensor(level_set))
+        self.register_load_state_dict_pre_hook(PoTFakeQuantLinear._check_checkpoint)
+
+    def _check_checkpoint(self, state_dict, prefix, *args) -> None:
+        """Refuses a checkpoint trained with another level set, group size or offset setting (names the fix)."""
+        name = prefix.rstrip(".")
+        saved = state_dict.get(prefix + "weight_levels")
+        problems = []
+        if saved is not None and _id_of(saved) != _id_of(self.weight_levels):
+            problems.append(f"levels {_id_of(saved)} (this config: {self.level_set.id})")
+        scale = state_dict.get(prefix + "weight_scale")
+        if scale is not None and tuple(scale.shape) != tuple(self.weight_scale.shape):
+            problems.append(f"{scale.shape[-1]} scale groups (this config: {self.weight_scale.shape[-1]}, group_size "
+                            f"{self.group_size})")  # fmt: skip
+        if scale is not None and (prefix + "weight_offset" in state_dict) != (self.weight_offset is not None):
+            problems.append(f"offset={prefix + 'weight_offset' in state_dict} (this config: "
+                            f"offset={self.weight_offset is not None})")  # fmt: skip
+        if problems:
+            raise ValueError(
+                f"This QAT checkpoint cannot be resumed with this PoTConfig: layer {name} was trained with "
+                f"{'; '.join(problems)}. Resume with the PoTConfig the run started with (same bits, levels, offset, "
+                "group_size and module_bits), or start a new run from the float model."
+            )
 
     def float_weight(self) -> torch.Tensor:
         """The float weight as ``[out_features, in_features]`` (a view for ``Conv1D``)."""
@@ -79,7 +116,7 @@ class PoTFakeQuantLinear(nn.Module):
         """The fake-quantised weight ``[out_features, in_features]`` (differentiable wrt weight, scale, offset)."""
         s = _fp16_ste(self.weight_scale, _MIN_SCALE)
         z = None if self.weight_offset is None else _fp16_ste(self.weight_offset)
-        return fake_quantize(self.float_weight(), s, z, self.group_size, self.level_set)
+        return fake_quantize_ste(self.float_weight(), s, z, self.group_size, self.level_set)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)
@@ -130,9 +167,10 @@ def prepare_qat(model: nn.Module, config) -> nn.Module:
     """
     if any(isinstance(m, PoTLinear) for m in model.modules()):
         raise ValueError(
-            "prepare_qat needs a float model, but this one already holds packed PoTLinear layers. Load the float "
-            "checkpoint (without quantization_config) for QAT, or fine-tune the packed model with LoRA (see "
-            "docs/training.md)."
+            "prepare_qat (and PoTQATCallback) needs a float model, but this one already holds packed PoTLinear "
+            "layers (loaded with a PoTConfig, quantised, or converted at the end of an earlier QAT run). Load the "
+            "float checkpoint (without quantization_config) for QAT, or fine-tune the packed model with LoRA "
+            "(get_peft_model, see docs/training.md)."
         )
     config.post_init()
     for name, m in resolve_targets(model, config):

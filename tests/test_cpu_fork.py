@@ -1,0 +1,134 @@
+"""The kernel's thread pool under several Python threads and across ``fork()`` (no caller may hang or see another's
+results; a child forked while another thread is inside the kernel gets a fresh pool)."""
+
+import ctypes
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from optimum_pot.format.packing import pack
+from optimum_pot.format.registry import from_id
+from optimum_pot.kernels.cpu import build, linear
+from optimum_pot.kernels.cpu.build import KernelBuildError
+from optimum_pot.library.reference import pot_linear_reference
+
+LS = from_id("sp2:4:offset")
+
+
+@pytest.fixture()
+def lib():
+    """The operator library, with the kernel on 2 threads (the pool in use) whatever torch's thread count is."""
+    try:
+        handle = build.load_op()
+    except KernelBuildError as err:
+        pytest.skip(f"CPU kernel unavailable: {err}")
+    previous = list(linear._THREADS)
+    linear.set_num_threads(2)
+    handle.pot_cpu_pool_helper_tasks.restype = ctypes.c_int64
+    yield handle
+    linear.set_num_threads(previous[0] if previous else None)
+
+
+def layer(n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    packed = pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen), 4)
+    scale = (torch.rand(n, k // 128, generator=gen) * 0.1).half()
+    offset = ((torch.rand(n, k // 128, generator=gen) - 0.5) * 0.01).half()
+    return packed, scale, offset
+
+
+def run(args, x, backend=linear.pot_linear_cpu):
+    packed, scale, offset = args
+    return backend(x, packed, scale, offset, None, LS, 128, x.shape[-1])
+
+
+def test_concurrent_callers_get_their_own_results(lib):
+    """Four Python threads call the kernel at once (decode, int8 and prefill rows): each result equals the
+    reference, whichever caller held the pool."""
+    cases = []
+    for i in range(8):
+        args, m = layer(256 + 64 * i, 512, i), (1, 3, 12, 40)[i % 4]
+        x = torch.randn(m, 512)
+        cases.append((args, x, pot_linear_reference(x, args[0], args[1], args[2], None, LS, 128, 512)))
+
+    def work(i):
+        args, x, ref = cases[i % len(cases)]
+        torch.testing.assert_close(run(args, x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(work, range(48))) == list(range(48))
+
+
+def _wait_all(pids, timeout):
+    """Exit codes of ``pids``; children still running after ``timeout`` seconds are killed and reported as None."""
+    codes, deadline = {}, time.monotonic() + timeout
+    while len(codes) < len(pids) and time.monotonic() < deadline:
+        for pid in pids:
+            if pid not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    for pid in pids:
+        if pid not in codes:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            codes[pid] = None
+    return [codes[p] for p in pids]
+
+
+def _child_pool_has_helpers(lib, args, x, seconds=20.0) -> bool:
+    """Whether a helper thread of this (forked) process's pool runs kernel tasks within ``seconds``: the parent's
+    helpers do not exist here, so this holds only if the pool was rebuilt after fork()."""
+    start, deadline = lib.pot_cpu_pool_helper_tasks(), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        run(args, x)
+        if lib.pot_cpu_pool_helper_tasks() > start:
+            return True
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_while_another_thread_is_in_the_kernel(lib):
+    """16 children forked while a second thread keeps the pool busy: each runs the kernel on 2 threads (fp32 and
+    int8 paths), checks its result and that its pool's helpers work (exit code 3 if not); none may hang."""
+    busy_args, busy_x = layer(2048, 2048, 0), torch.randn(1, 2048)
+    args, x = layer(1024, 512, 1), torch.randn(2, 512)  # 512K weights: a pool job of 8 tasks
+    expected = run(args, x)
+    expected_i8 = run(args, x, linear.pot_linear_cpu_int8)
+    stop = threading.Event()
+    calls = [0]
+
+    def keep_busy():
+        while not stop.is_set():
+            run(busy_args, busy_x)
+            calls[0] += 1
+
+    thread = threading.Thread(target=keep_busy)
+    thread.start()
+    pids = []
+    try:
+        for i in range(16):
+            time.sleep(0.002 * (i % 5))  # fork at different points of the busy thread's calls
+            pid = os.fork()
+            if pid == 0:  # child: only this thread exists; the pool must not wait for the parent's helpers
+                code = 1
+                try:
+                    if torch.equal(run(args, x), expected) and torch.equal(
+                        run(args, x, linear.pot_linear_cpu_int8), expected_i8
+                    ):
+                        code = 0 if _child_pool_has_helpers(lib, args, x) else 3
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+    finally:
+        stop.set()
+        thread.join()
+    codes = _wait_all(pids, timeout=120)
+    assert calls[0] > 0
+    assert codes == [0] * len(pids), f"children exit codes (None: hung and killed): {codes}"
