@@ -49,10 +49,11 @@ class PoTConfig(QuantizationConfigMixin):
             Kernel for the forward pass: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cpu_int8"`` or ``"triton"``.
         grid_points (`int`, *optional*):
             Candidates of the per-group scale search of calibration-free quantisation (1: closed form). Default:
-            what measured best for the level set: 1 with a per-group offset, 16 without (docs/levels.md).
+            what measured best for the level set: 1 for two-term sets with a per-group offset, else 16
+            (docs/levels.md).
         refine_steps (`int`, *optional*):
-            Rounds of least-squares refinement of scales (and offsets) after the search. Default: 0 with a
-            per-group offset, 2 without.
+            Rounds of least-squares refinement of scales (and offsets) after the search. Default: 0 for two-term
+            sets with a per-group offset, else 2.
         dataset (`list[str]`, `datasets.Dataset` or `str`, *optional*):
             Calibration text. When given, the quantised model is calibrated block by block after loading.
         tokenizer (*optional*): tokenizer (or its name/path) for the calibration dataset.

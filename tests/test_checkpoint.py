@@ -132,6 +132,21 @@ def test_flipped_code_bytes_are_caught_by_the_digest(v2_ckpt, tmp_path, monkeypa
     AutoModelForCausalLM.from_pretrained(v2_ckpt)  # the intact checkpoint passes
 
 
+def test_info_verify_checks_digests_without_loading(v2_ckpt, tmp_path, capsys):
+    from optimum_pot.cli.main import main
+
+    assert main(["info", str(v2_ckpt), "--verify"]) == 0
+    assert "layers match their SHA-256 digests" in capsys.readouterr().out
+
+    def tensor_edit(sd):
+        sd[f"{KEY}.weight"][3, 5] ^= 0x10
+
+    bad = copy_with(v2_ckpt, tmp_path / "bad", tensor_edit=tensor_edit)
+    assert main(["info", str(bad), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "integrity: FAILED for 1 of" in out and KEY in out
+
+
 def test_wrong_tensor_shape_names_the_setting(v2_ckpt, tmp_path):
     def tensor_edit(sd):
         sd[f"{KEY}.weight_scale"] = sd[f"{KEY}.weight_scale"][:, :1].contiguous()

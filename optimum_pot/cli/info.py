@@ -14,6 +14,8 @@ def add_parser(subparsers) -> None:
         description="Print the quantization_config, packed layers and size on disk of a local checkpoint folder.",
     )
     p.add_argument("model", metavar="MODEL", help="local checkpoint folder (or 'smollm2')")
+    p.add_argument("--verify", action="store_true",
+                   help="check every packed layer against the SHA-256 digests written at save (exit 1 on mismatch)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -67,4 +69,25 @@ def run(args) -> int:
         f"other tensors {format_bytes(summary['other_bytes'])}"
     )
     print(f"weights on disk: {format_bytes(weights_size(path))}")
+    return verify(path) if args.verify else 0
+
+
+def verify(path: str) -> int:
+    """``--verify``: 0 when every digest matches, 1 (naming the layers) when one does not."""
+    import time
+
+    from ..hf.checkpoint import verify_files
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    start = time.perf_counter()
+    try:
+        checked, bad = verify_files(files)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    seconds = time.perf_counter() - start
+    if bad:
+        print(f"integrity: FAILED for {len(bad)} of {checked} layers ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): "
+              "the packed tensors changed since they were saved; re-download the checkpoint.")  # fmt: skip
+        return 1
+    print(f"integrity: {checked} layers match their SHA-256 digests ({seconds:.2f} s)")
     return 0

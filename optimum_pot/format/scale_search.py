@@ -129,11 +129,12 @@ def _search_chunk(chunk: _Chunk, lo, hi, absmax, grid_points, alpha_min, refine_
 def default_search(level_set: LevelSet) -> tuple[int, int]:
     """The measured best calibration-free ``(grid_points, refine_steps)`` for ``level_set`` (docs/levels.md).
 
-    With a per-group offset the closed form (min/max, a level snapped onto zero) measured best on SmolLM2 and
-    Gemma 3: the ``α`` search and least squares lower the weight MSE but raised perplexity. Without an offset the
-    16-point search plus 2 least-squares rounds measured best.
+    For two-term tables with a per-group offset (``sp2``, ``int``) the closed form (min/max, a level snapped onto
+    zero) measured best on SmolLM2 and Gemma 3: the ``α`` search and least squares lower the weight MSE but raised
+    perplexity. Single-term tables (geometric gaps; ``pot``) and tables without an offset keep the 16-point search
+    plus 2 least-squares rounds, which measured best for them.
     """
-    return (1, 0) if level_set.offset else (16, 2)
+    return (1, 0) if level_set.offset and level_set.max_terms > 1 else (16, 2)
 
 
 def search_scales(

@@ -178,6 +178,40 @@ def verify_digests(metadata: dict, modules: dict[str, PoTLinear]) -> None:
                          "the checkpoint.")  # fmt: skip
 
 
+def verify_files(files) -> tuple[int, list[str]]:
+    """Checks the digests of a saved checkpoint's packed tensors without building the model.
+
+    Returns:
+        ``(layers checked, names of the layers whose tensors do not match)``.
+
+    Raises:
+        ValueError: a version-1 checkpoint (it has no digests) or unreadable metadata.
+    """
+    from safetensors import safe_open
+
+    meta = read_metadata(files)
+    if meta is None:
+        raise ValueError("This checkpoint has no PoT digests (format version 1, or not a PoT checkpoint); load and "
+                         "re-save it with optimum_pot to add them.")  # fmt: skip
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith((".weight", ".weight_scale", ".weight_offset")):
+                    tensors[key] = (str(file), key)
+    bad = []
+    for name, record in meta["layers"].items():
+        parts = []
+        for suffix in (".weight", ".weight_scale", ".weight_offset"):
+            where = tensors.get(name + suffix)
+            if where is not None:
+                with safe_open(where[0], framework="pt") as f:
+                    parts.append(f.get_tensor(where[1]))
+        if not parts or tensor_digest(*parts) != record.get("sha256"):
+            bad.append(name)
+    return len(meta["layers"]), bad
+
+
 def verify_on_load() -> bool:
     """Whether ``$OPTIMUM_POT_VERIFY`` asks for digest checks at every load."""
     return os.environ.get(VERIFY_ENV, "").lower() in ("1", "true", "yes")
