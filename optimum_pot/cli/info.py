@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="local checkpoint folder (or 'smollm2')")
     p.add_argument("--verify", action="store_true",
-                   help="check every packed layer against the SHA-256 digests written at save (exit 1 on mismatch)")  # fmt: skip
+                   help="check each packed layer against the digests written at save (exit 1 on mismatch)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -86,8 +86,9 @@ def verify(path: str) -> int:
         raise CLIError(str(err)) from err
     seconds = time.perf_counter() - start
     if bad:
-        print(f"integrity: FAILED for {len(bad)} of {checked} layers ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): "
-              "the packed tensors changed since they were saved; re-download the checkpoint.")  # fmt: skip
+        names = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        print(f"integrity: FAILED for {len(bad)} of {checked} layers ({names}): the packed tensors changed since "
+              "they were saved; re-download the checkpoint.")  # fmt: skip
         return 1
     print(f"integrity: {checked} layers match their SHA-256 digests ({seconds:.2f} s)")
     return 0
