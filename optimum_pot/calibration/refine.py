@@ -25,7 +25,7 @@ from ..format.weights import quantize_weight
 from ..nn.pot_linear import PoTLinear
 from .blocks import BlockInputs, block_output
 from .gptq import Rounded
-from .sequential import ERROR_SAMPLES, WorkLinear, nbytes, pot_modules, relative_error
+from .sequential import ERROR_SAMPLES, WorkLinear, calibrated_search, nbytes, pot_modules, relative_error
 
 
 class FakeQuantLinear(nn.Module):
@@ -139,7 +139,8 @@ def trainable_block(block: nn.Module, weights, importance, cfg) -> nn.Module:
     for name, m in pot_modules(out):
         w = weights[name]
         if importance is not None:
-            s, z = search_scales(w, m.level_set, m.group_size, cfg.grid_points, importance[name], cfg.refine_steps)
+            grid, steps = calibrated_search(cfg)
+            s, z = search_scales(w, m.level_set, m.group_size, grid, importance[name], steps)
         else:
             s = m.weight_scale.detach().float()
             z = None if m.weight_offset is None else m.weight_offset.detach().float()
