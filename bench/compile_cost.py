@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded for the rate")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per variant")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="run only these variants (default: all)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # child process: run one variant, print JSON
     p.add_argument("--model-dir", help=argparse.SUPPRESS)  # the child's model, saved by the parent
     return p.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
-    names = SMOKE_VARIANTS if args.smoke else list(VARIANTS)
+    names = args.variants or (SMOKE_VARIANTS if args.smoke else list(VARIANTS))
     model = "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M PoT pot:4 g64"
     print(f"## torch.compile cost: {model}, prompt {args.prompt}, {args.new_tokens} new tokens, "
           f"{args.threads} threads, backend {args.backend}, torch {torch.__version__}", flush=True)  # fmt: skip

