@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_e2e import _rate_beyond_first  # noqa: E402  (the decode-rate rule of bench/cpu_e2e.py)
+from cpu_e2e import _rate_beyond_first, static_greedy  # noqa: E402  (bench/cpu_e2e.py's decode loop and rate)
 
 # name -> (what is compiled, dynamic, mode); "eager" compiles nothing.
 VARIANTS = {
@@ -88,15 +88,7 @@ def run_variant(name: str, args) -> dict:
     compiled = torch.compile(model.forward, **options) if scope else model.forward
     prefill = compiled if scope == "forward" else model.forward
 
-    def run(n):
-        cache.reset()
-        out = prefill(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(n0), logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
-        for i in range(n - 1):
-            pos = torch.tensor([n0 + i])
-            tok = compiled(input_ids=tok, past_key_values=cache, cache_position=pos, logits_to_keep=1).logits.argmax(-1)
-        return tok
-
+    run = static_greedy(prefill, compiled, prompt, cache)
     with torch.no_grad():
         t0 = time.perf_counter()
         run(3)

@@ -143,6 +143,23 @@ def stepwise_perplexity(model, ids) -> float:
     return float(torch.exp(torch.tensor(nll / (ids.shape[1] - 1))))
 
 
+def static_greedy(prefill, step, prompt, cache):
+    """``run(n)``: ``n`` greedy tokens after ``prompt`` [1, n0] on a reset static ``cache``; the prompt goes through
+    ``prefill``, each one-token step through ``step`` (e.g. a compiled forward)."""
+    n0 = prompt.shape[1]
+
+    def run(n):
+        cache.reset()
+        out = prefill(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(n0), logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        for i in range(n - 1):
+            pos = torch.tensor([n0 + i])
+            tok = step(input_ids=tok, past_key_values=cache, cache_position=pos, logits_to_keep=1).logits.argmax(-1)
+        return tok
+
+    return run
+
+
 def static_decode_rate(model, prompt, new_tokens: int, reps: int, compile_: bool) -> float:
     """Greedy decode tokens/s with a static KV cache and a hand-written loop (no ``generate``), optionally
     through ``torch.compile`` of the forward (the PoT op stays one opaque call per layer).
@@ -156,15 +173,7 @@ def static_decode_rate(model, prompt, new_tokens: int, reps: int, compile_: bool
     cache = StaticCache(config=model.config, max_cache_len=n0 + new_tokens)
     forward = torch.compile(model.forward, dynamic=False) if compile_ else model.forward
 
-    def run(n):
-        cache.reset()
-        out = forward(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(n0), logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
-        for i in range(n - 1):
-            pos = torch.tensor([n0 + i])
-            tok = forward(input_ids=tok, past_key_values=cache, cache_position=pos, logits_to_keep=1).logits.argmax(-1)
-        return tok
-
+    run = static_greedy(forward, forward, prompt, cache)
     t0 = time.perf_counter()
     with torch.no_grad():
         run(3)

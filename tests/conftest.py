@@ -71,3 +71,15 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+
+
+@pytest.fixture(scope="session")
+def lib():
+    """The CPU operator library, built (or loaded from the cache) once; skips where this machine cannot build it."""
+    from optimum_pot.kernels.cpu import build
+    from optimum_pot.kernels.cpu.build import KernelBuildError
+
+    try:
+        return build.load_op()
+    except KernelBuildError as err:
+        pytest.skip(f"CPU kernel unavailable: {err}")

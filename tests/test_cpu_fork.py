@@ -12,20 +12,17 @@ import torch
 
 from optimum_pot.format.packing import pack
 from optimum_pot.format.registry import from_id
-from optimum_pot.kernels.cpu import build, linear
-from optimum_pot.kernels.cpu.build import KernelBuildError
+from optimum_pot.kernels.cpu import linear
 from optimum_pot.library.reference import pot_linear_reference
 
 LS = from_id("sp2:4:offset")
 
 
 @pytest.fixture()
-def lib():
-    """The operator library, with the kernel on 2 threads (the pool in use) whatever torch's thread count is."""
-    try:
-        handle = build.load_op()
-    except KernelBuildError as err:
-        pytest.skip(f"CPU kernel unavailable: {err}")
+def lib(lib):
+    """The operator library (conftest's), with the kernel on 2 threads (the pool in use) whatever torch's thread
+    count is."""
+    handle = lib
     previous = list(linear._THREADS)
     linear.set_num_threads(2)
     handle.pot_cpu_pool_helper_tasks.restype = ctypes.c_int64

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from optimum_pot.format.groups import num_groups
 from optimum_pot.format.level_set import LevelSet
 from optimum_pot.format.packing import pack, packed_row_bytes, unpack
-from optimum_pot.kernels.cpu import build, ctypes_kernel, linear
-from optimum_pot.kernels.cpu.build import KernelBuildError
+from optimum_pot.kernels.cpu import ctypes_kernel, linear
 from optimum_pot.library.reference import pot_linear_reference
 from optimum_pot.nn import PoTLinear
 
@@ -21,14 +20,6 @@ from .level_sets import ALL_LEVEL_SETS
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 OP_ERRORS = (ValueError, RuntimeError)  # TORCH_CHECK_VALUE / TORCH_CHECK
-
-
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        return build.load_op()
-    except KernelBuildError as err:
-        pytest.skip(f"CPU kernel unavailable: {err}")
 
 
 @st.composite

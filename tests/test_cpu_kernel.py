@@ -57,15 +57,6 @@ def check_kernel(fn, ls, n, k, g, m, has_bias=True, dtype=torch.float32, x_trans
     return y, ref
 
 
-@pytest.fixture(scope="module")
-def lib():
-    """Builds (or loads the cached) operator once; skips if this machine cannot build it."""
-    try:
-        return build.load_op()
-    except KernelBuildError as err:
-        pytest.skip(f"CPU kernel unavailable: {err}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 12, 64], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)

@@ -25,7 +25,16 @@ from ..format.weights import quantize_weight
 from ..nn.pot_linear import PoTLinear
 from .blocks import BlockInputs, block_output
 from .gptq import Rounded
-from .sequential import ERROR_SAMPLES, WorkLinear, calibrated_search, nbytes, pot_modules, relative_error
+from .sequential import (
+    ERROR_SAMPLES,
+    WorkLinear,
+    calibrated_search,
+    float_weights,
+    nbytes,
+    passthrough,
+    pot_modules,
+    relative_error,
+)
 
 
 class FakeQuantLinear(nn.Module):
@@ -200,10 +209,9 @@ def refine_block(name, block, weights, inputs: BlockInputs, hidden, cfg, progres
 
     mods = pot_modules(block)
     with torch.no_grad():
-        if not mods:  # nothing to learn: pass the activations on
-            return [block_output(block, x, inputs).float().to(x.device) for x in hidden], {"before": 0.0, "after": 0.0}
-        device = mods[0][1].weight.device
-        w = {n: weights.get(f"{name}.{n}", m).to(device) for n, m in mods}
+        if not mods:
+            return passthrough(block, inputs, hidden)
+        w = float_weights(name, mods, weights)
         fblock = float_block(block, w).eval()
         targets = [block_output(fblock, x, inputs).to(x.device) for x in hidden]
         importance = {n: m.sq_sum / m.rows for n, m in fblock.named_modules() if hasattr(m, "sq_sum")}

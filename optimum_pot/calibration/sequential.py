@@ -123,6 +123,17 @@ def _static_grid(mods, w_cat, ls, hess: Hessian, cfg):
     return search_scales(w_cat, ls, mods[0].group_size, grid, importance, steps)
 
 
+def passthrough(block, inputs: BlockInputs, hidden) -> tuple[list, dict]:
+    """A block without PoT layers: nothing to calibrate, its outputs are the next block's inputs."""
+    return [block_output(block, x, inputs).float().to(x.device) for x in hidden], {"before": 0.0, "after": 0.0}
+
+
+def float_weights(name: str, mods, weights) -> dict:
+    """``{layer name in the block: float32 target weight}`` of ``mods`` (``pot_modules``), on their device."""
+    device = mods[0][1].weight.device
+    return {n: weights.get(f"{name}.{n}", m).to(device) for n, m in mods}
+
+
 def calibrated_search(cfg) -> tuple[int, int]:
     """``(grid_points, refine_steps)`` of the grid that error feedback rounds onto: the config's when set, else the
     16-point activation-weighted search + 2 least-squares rounds for every level set. Unlike round-to-nearest (where
@@ -207,10 +218,9 @@ def gptq_block(name, block, weights, inputs: BlockInputs, hidden: list, cfg, pro
 
     mods = pot_modules(block)
     with torch.no_grad():
-        if not mods:  # nothing to round: pass the activations on
-            return [block_output(block, x, inputs).float().to(x.device) for x in hidden], {"before": 0.0, "after": 0.0}
-        device = mods[0][1].weight.device
-        w = {n: weights.get(f"{name}.{n}", m).to(device) for n, m in mods}
+        if not mods:
+            return passthrough(block, inputs, hidden)
+        w = float_weights(name, mods, weights)
         wb = work_block(block, w)
         step2 = refines_scales(cfg)
         k = min(ERROR_SAMPLES, len(hidden))

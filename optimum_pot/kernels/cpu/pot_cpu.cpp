@@ -130,18 +130,6 @@ bool bf16_exact(const PotArgs& a) {
   return true;
 }
 
-// sum_g z[g] * xg[g]: the offset's share of one output (fp16 offsets, 8 groups per step).
-float offset_dot(const uint16_t* z, const float* xg, int64_t G) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g))),
-                          _mm256_loadu_ps(xg + g), acc);
-  float s = pot::hsum(acc);
-  for (; g < G; ++g) s += half_to_float(z[g]) * xg[g];
-  return s;
-}
-
 // The 8-entry permute tables of a group: 2-bit repeated (the index's bit 2 belongs to the next code), 3-bit by code,
 // 4-bit codes 0-7 in `lo` and 8-15 in `hi`.
 struct Lut {
@@ -276,7 +264,7 @@ void rows_fast(const PotArgs& a, const float* xp, int64_t xstride, const float* 
       if (P == Path::kLut4) row_dot_lut<4, MB>(a, n, x0, xstride, out);
       const float b = a.bias ? a.bias[n] : 0.0f;
       for (int m = 0; m < MB; ++m) {
-        const float off = xg != nullptr ? offset_dot(a.offset + n * a.G, xg + (m0 + m) * a.G, a.G) : 0.0f;
+        const float off = xg != nullptr ? pot::offset_dot(a.offset + n * a.G, xg + (m0 + m) * a.G, a.G) : 0.0f;
         a.y[(m0 + m) * a.N + n] = out[m] + off + b;
       }
     }

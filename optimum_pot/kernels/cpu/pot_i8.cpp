@@ -84,18 +84,6 @@ void tables_i8(const PotArgs& a, __m256i* mag, __m256i* sgn) {
   *sgn = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
 }
 
-// sum_g z[g] * xg[g]: the offset's share of one output (fp16 offsets, 8 groups per step).
-float offset_dot_i8(const uint16_t* z, const float* xg, int64_t G) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g))),
-                          _mm256_loadu_ps(xg + g), acc);
-  float s = pot::hsum(acc);
-  for (; g < G; ++g) s += _cvtsh_ss(z[g]) * xg[g];
-  return s;
-}
-
 // pshufb controls of the 3-bit unpack: quarter k, 16-bit slot t gets the bytes around bit 3(8k+t) of its half.
 struct Gather3 {
   alignas(32) int8_t v[4][32];
@@ -185,7 +173,7 @@ void rows_i8(const PotArgs& a, const int8_t* xq, const float* xs, const float* x
       row_dot_i8<BITS, MB>(a, n, mag, sgn, xm, sm, out);
       const float b = a.bias ? a.bias[n] : 0.0f;
       for (int m = 0; m < MB; ++m) {
-        const float off = xg != nullptr ? offset_dot_i8(a.offset + n * a.G, xg + (m0 + m) * a.G, a.G) : 0.0f;
+        const float off = xg != nullptr ? pot::offset_dot(a.offset + n * a.G, xg + (m0 + m) * a.G, a.G) : 0.0f;
         a.y[(m0 + m) * a.N + n] = out[m] * unit + off + b;
       }
     }

@@ -52,6 +52,18 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// sum_g z[g] * xg[g]: the offset's share of one output (fp16 offsets, 8 groups per step), for both kernels.
+inline float offset_dot(const uint16_t* z, const float* xg, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g))),
+                          _mm256_loadu_ps(xg + g), acc);
+  float s = hsum(acc);
+  for (; g < G; ++g) s += half_to_float(z[g]) * xg[g];
+  return s;
+}
+
 // Where the loads of chunk c of a row read from: the row itself, or near its end `tmp` (32 bytes) holding the
 // chunk's remaining bytes zero-padded, so no load reads past the row. A chunk is 8*BITS bytes; the loads read 16
 // (2-bit), 28 (3-bit: two 16-byte loads at 0 and 12) or 32 (4-bit) bytes from the returned pointer.
