@@ -177,3 +177,14 @@ def test_console_scripts_help(script, expected):
     out = subprocess.run(_console_script(script) + ["--help"], capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stderr
     assert expected in out.stdout
+
+
+def test_cli_defaults_follow_potconfig():
+    """Options left unset quantise as ``PoTConfig()`` does (the CLI once defaulted to group 128 against 64)."""
+    from optimum_pot.cli.main import build_parser
+    from optimum_pot.cli.quantize import build_config
+
+    args = build_parser().parse_args(["quantize", "in", "out"])
+    built, default = build_config(args, None).to_dict(), PoTConfig().to_dict()
+    for key in ("bits", "group_size", "levels", "offset", "zero_level", "backend"):
+        assert built[key] == default[key], key

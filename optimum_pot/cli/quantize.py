@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("output", metavar="OUTPUT", help="folder to write the PoT checkpoint to (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="write into OUTPUT even if it is a non-empty folder")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4], help="bits per weight (default: 4)")
-    p.add_argument("--group-size", type=int, default=128, help="input columns per scale (default: 128)")
+    p.add_argument("--group-size", type=int, help="input columns per scale (default: PoTConfig's, 64)")
     p.add_argument("--levels", default=None, choices=families(), help="level-set family (default: sp2)")
     p.add_argument(
         "--zero-level",
@@ -98,9 +98,11 @@ def build_config(args, tokenizer):
     """The `PoTConfig` of the command line (raises `ValueError` for invalid values)."""
     from ..config import PoTConfig
 
+    # Unset options fall through to PoTConfig's defaults so the CLI and from_pretrained quantise alike.
+    sizes = {} if args.group_size is None else {"group_size": args.group_size}
     return PoTConfig(
         bits=args.bits,
-        group_size=args.group_size,
+        **sizes,
         levels=args.levels,
         zero_level=args.zero_level,
         offset=args.offset,
