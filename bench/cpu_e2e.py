@@ -123,7 +123,7 @@ def breakdown(model, name: str, ms_per_token: float, reps: int = 5) -> None:
         h = torch.randn(1, 1, model.config.hidden_size)
         t_head = _median_time(lambda: head(h), reps) * 1e3
     rest = ms_per_token - t_op - t_head
-    kind = "PoT" if isinstance(head, PoTLinear) else "fp32"
+    kind = "PoT" if isinstance(head, PoTLinear) else "int8" if hasattr(head, "qweight") else "fp32"
     print(
         f"\n{name}: decode step {ms_per_token:.1f} ms/token = {len(layers)} PoT layers {t_op:.1f} ms (kernels "
         f"alone {t_kernel:.1f} ms, module + wrapper {(t_op - t_kernel) / len(layers) * 1e3:.0f} us/layer) + "
@@ -202,7 +202,7 @@ def pot_smollm2(float_model, path: str):
 def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_pot import PoTConfig, quantize, set_backend
+    from optimum_pot import PoTConfig, int8_lm_head, quantize, set_backend
     from optimum_pot.kernels.cpu import set_num_threads
     from optimum_pot.utils.models import smollm2_checkpoint
 
@@ -228,6 +228,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     pot_head_i8 = set_backend(copy.deepcopy(pot_head), "cpu_int8")
     cfg3 = PoTConfig(bits=3, group_size=64, grid_points=1, modules_to_not_convert=[], backend="cpu_int8")
     pot3_i8 = quantize(copy.deepcopy(float_model), cfg3)  # 3 bits: where calibrated PoT wins on accuracy
+    pot_i8head = int8_lm_head(copy.deepcopy(pot_model))  # = PoTConfig(lm_head="int8"): float-quality head, 1 B/weight
     rows = {}  # name -> (decode tok/s, prefill s, threads)
     both, split = f"torch {threads}", f"torch 1, PoT kernel {threads}"
 
@@ -238,6 +239,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     models = (
         ("float32 (HF generate)", float_model, both),
         ("PoT 4-bit g64, auto = int8 decode (HF generate, defaults)", pot_model, both),
+        ("PoT 4-bit g64, auto + int8 lm_head (HF generate)", pot_i8head, both),
+        ("PoT 4-bit g64, auto + int8 lm_head (HF generate, split threads)", pot_i8head, split),
         ("PoT 4-bit g64 + lm_head, cpu (HF generate)", pot_head, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate)", pot_head_i8, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate, split threads)", pot_head_i8, split),
@@ -247,7 +250,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
         use(mode)
         rate = decode_rate(model, prompt, new, reps, tok.eos_token_id)
         rows[name] = (rate, prefill_time(model, prefill_ids, reps), mode)
-    static = [("float32", float_model, both), ("PoT 4-bit g64 + lm_head, cpu_int8", pot_head_i8, split)]
+    static = [("float32", float_model, both), ("PoT 4-bit g64 + lm_head, cpu_int8", pot_head_i8, split),
+              ("PoT 4-bit g64, auto + int8 lm_head", pot_i8head, split)]  # fmt: skip
     for name, model, mode in static:
         use(mode)
         rows[f"{name} (static cache, eager loop)"] = (static_decode_rate(model, prompt, new, reps, False), nan, mode)
@@ -264,7 +268,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
         rows["llama.cpp Q4_1 (llama-cpp-python)"] = (*cpp, f"llama.cpp {threads}")
     n_ppl = 32 if smoke else 256
     print(f"\nDecode-path perplexity (first {n_ppl} tokens of wikitext-2 test, one token per forward):")
-    for name, model in (("float32", float_model), ("PoT 4-bit + lm_head, cpu", pot_head),
+    for name, model in (("float32", float_model), ("PoT 4-bit, auto", pot_model),
+                        ("PoT 4-bit, auto + int8 lm_head", pot_i8head), ("PoT 4-bit + lm_head, cpu", pot_head),
                         ("PoT 4-bit + lm_head, cpu_int8", pot_head_i8)):  # fmt: skip
         print(f"  {name}: {stepwise_perplexity(model, ids[:, :n_ppl]):.3f}")
     base_rate, base_prefill = rows["float32 (HF generate)"][:2]
@@ -272,7 +277,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     for name, (rate, pre, mode) in rows.items():
         pre_cells = "– | –" if pre != pre else f"{pre:.3f} | {base_prefill / pre:.2f}x"  # nan: not measured
         print(f"| {name} | {mode} | {rate:.1f} | {rate / base_rate:.2f}x | {pre_cells} |")
-    for name, model, mode in (models[1], models[4]):
+    for name, model, mode in (models[1], models[3], models[6]):
         use(mode)
         breakdown(model, f"{name.strip()} [{mode}]", 1e3 / rows[name][0])
     use(both)

@@ -9,6 +9,11 @@ search), group 64, ``lm_head`` float (the default); the same packed model is eva
 
     python bench/int8_accuracy.py                  # sp2 and pot, 3 and 4 bits, 512 tokens (~10 min on 2 cores)
     python bench/int8_accuracy.py --smoke          # CI: sp2 4-bit, closed-form scales, no refinement, 16 tokens
+    python bench/int8_accuracy.py --head           # the int8 lm_head serving copy vs the float head (~3 min)
+
+``--head`` measures ``PoTConfig(lm_head="int8")`` / ``optimum_pot.int8_lm_head``: the same decode-path perplexity
+with the float ``lm_head`` and with its int8 per-row copy, on the float model and on the default 4-bit PoT model
+(``PoTConfig()``, backend ``auto``).
 """
 
 import argparse
@@ -30,6 +35,7 @@ def main(argv=None):
     parser.add_argument("--levels", nargs="+", default=None, help="level-set families (default: sp2 pot; smoke: sp2)")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--head", action="store_true", help="int8 lm_head vs float head instead of the backends")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from cpu_e2e import stepwise_perplexity  # bench/ is on sys.path when run as a script
@@ -49,6 +55,8 @@ def main(argv=None):
     ids = tok(open(WIKITEXT, encoding="utf-8").read()[:20000], return_tensors="pt").input_ids[:, :n_tokens]
     float_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     print(f"## Decode-path perplexity, SmolLM2-135M, first {n_tokens} tokens of wikitext-2 test, one token a forward")
+    if args.head:
+        return head_rows(float_model, ids, t0)
     print(f"float32: {stepwise_perplexity(float_model, ids):.3f}\n")
     print("| level set | group | int8 path | cpu (fp32 activations) | cpu_int8 (int8 activations) | relative change |")
     print("|---|---|---|---|---|---|")
@@ -63,6 +71,21 @@ def main(argv=None):
             print(
                 f"| {ls.id} | 64 | {runs} | {exact:.3f} | {int8:.3f} | {100 * (int8 / exact - 1):+.2f} % |", flush=True
             )
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+def head_rows(float_model, ids, t0):
+    """Decode-path perplexity with the float lm_head and with its int8 serving copy (same weights)."""
+    from cpu_e2e import stepwise_perplexity
+
+    from optimum_pot import PoTConfig, int8_lm_head, quantize
+
+    print("| model | float lm_head | int8 lm_head | relative change |\n|---|---|---|---|")
+    pot = quantize(copy.deepcopy(float_model), PoTConfig())
+    for name, model in (("float32", float_model), ("PoT default (PoTConfig(), sp2:4:offset, g64, auto)", pot)):
+        ref = stepwise_perplexity(model, ids)
+        fast = stepwise_perplexity(int8_lm_head(model), ids)
+        print(f"| {name} | {ref:.3f} | {fast:.3f} | {100 * (fast / ref - 1):+.2f} % |", flush=True)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

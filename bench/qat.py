@@ -4,7 +4,8 @@
    ``--windows`` 512-token windows of ``test.txt``. Rows: the float model untouched; the **reference**: the float
    model trained ``--steps`` steps exactly like the QAT runs (same batches, schedule, frozen embeddings); per bit
    width: calibration-free PTQ (the QAT starting point), optionally calibrated PTQ, then the ``--methods``:
-   ``qat`` (next-token loss), ``kd`` (distilling the reference, i.e. the float model fine-tuned on the same text),
+   ``qat`` (next-token loss), ``qat-cal`` (the same, starting from the calibrated PTQ model of ``--cal-samples``:
+   ``prepare_qat(model, cfg, from_quantized=True)``), ``kd`` (distilling the reference, i.e. the float model fine-tuned on the same text),
    ``kd-base`` (distilling the untouched float model), ``lora`` (adapters on the packed PTQ model; merged with
    plain nearest rounding; merged with ``merge_and_requantize``, error feedback on ``--merge-samples`` windows).
 2. A small char-level GPT-2 (4 layers x 128) on ``../shared/data/tinyshakespeare/input.txt``: float training here,
@@ -43,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 VALID, TEST = (os.path.join(SHARED, "wikitext-2", f) for f in ("valid.txt", "test.txt"))
 SHAKESPEARE = os.path.join(SHARED, "tinyshakespeare", "input.txt")
-METHODS = ("qat", "kd", "kd-base", "lora")
+METHODS = ("qat", "qat-cal", "kd", "kd-base", "lora")
 
 
 def parse_args(argv=None):
@@ -169,14 +170,20 @@ def run_smollm2(args):
         if args.cal_samples:
             cal = PoTConfig(bits=bits, group_size=args.group_size, tokenizer=tok, num_samples=args.cal_samples,
                             seq_len=args.train_seq_len)  # fmt: skip
-            with Clock() as clock:
-                model = quantize(load(), cal, dataset=VALID)
-            row("SmolLM2-135M", bits, f"PTQ calibrated ({args.cal_samples} samples, {cal.rounding})", evaluate(model),
-                ref, ppl_ptq, clock=clock)  # fmt: skip
-            del model
+            with Clock() as cal_clock:
+                calibrated = quantize(load(), cal, dataset=VALID)
+            ppl_cal = evaluate(calibrated)
+            row("SmolLM2-135M", bits, f"PTQ calibrated ({args.cal_samples} samples, {cal.rounding})", ppl_cal,
+                ref, ppl_ptq, clock=cal_clock)  # fmt: skip
         for method in args.methods:
             if method == "qat":
                 qat_row("QAT, next-token loss", qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate)
+            elif method == "qat-cal":
+                if not args.cal_samples:
+                    raise SystemExit("--methods qat-cal needs --cal-samples N (the calibrated starting point)")
+                start = prepare_qat(calibrated, calibrated.config.quantization_config, from_quantized=True)
+                qat_row("QAT from the calibrated PTQ model", start, cfg, train_windows, args, ref, ppl_cal, cal_clock,
+                        evaluate)  # fmt: skip
             elif method in ("kd", "kd-base"):
                 teacher = reference if method == "kd" else load()
                 label = "QAT, distilling the reference" if method == "kd" else "QAT, distilling the untouched float"

@@ -12,7 +12,7 @@ from .hf.registration import register
 from .nn import PoTLinear, dequantize_model, set_backend
 from .peft import register_lazily as _register_peft_lazily
 from .qat import convert_qat, prepare_qat
-from .api import quantize
+from .api import int8_lm_head, quantize
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "dequantize_model",
     "families",
     "get_level_set",
+    "int8_lm_head",
     "prepare_qat",
     "quantize",
     "record_eval",

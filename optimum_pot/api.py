@@ -63,9 +63,61 @@ def quantize(model: nn.Module, config, dataset=None) -> nn.Module:
     from .hf.integration import attach_hf_quantizer
 
     attach_hf_quantizer(model, config)
+    apply_lm_head(model, config)
     if data is not None:
         with torch.enable_grad():
             from .calibration import calibrate
 
             calibrate(model, config, data)
     return model
+
+
+def int8_lm_head(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Gives ``model`` the fast CPU output head: an int8 per-row serving copy of its float ``lm_head``.
+
+    Decode-sized inputs on CPU then read 1 byte per head weight instead of 4 (SmolLM2-135M: 28 MB instead of
+    113 MB per token); prefill, training and other devices keep the float weight. The float weight stays the
+    module's parameter (tied, saved as before); the copy costs 1 byte per head weight of extra memory. Same as
+    ``PoTConfig(lm_head="int8")`` at load time. Measured cost: BENCHMARKS.md ("Fast lm_head").
+
+    Args:
+        model (`torch.nn.Module`): a transformers model (its ``get_output_embeddings()``) or any model with a
+            float ``nn.Linear`` submodule ``name``.
+        name (`str`, *optional*): the head's module name; default: transformers' output embeddings, else
+            ``"lm_head"``.
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        ValueError: there is no such float ``nn.Linear`` (e.g. the head was packed to PoT: keep it in
+            ``modules_to_not_convert``).
+    """
+    from .nn.int8_head import use_int8_head
+
+    if name is None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        name = next((n for n, m in model.named_modules() if m is head), "lm_head") if head is not None else "lm_head"
+    try:
+        model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"int8 lm_head: the model has no module {name!r}; pass the output layer's name.") from e
+    use_int8_head(model, name)
+    return model
+
+
+def apply_lm_head(model: nn.Module, config) -> None:
+    """``config.lm_head == "int8"``: gives a float head its int8 serving copy; warns when the head was packed."""
+    if config.lm_head != "int8":
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, PoTLinear):
+        import warnings
+
+        warnings.warn(
+            "PoTConfig(lm_head='int8') has no effect: the output head is packed to PoT (it is not in "
+            "modules_to_not_convert). Keep 'lm_head' in float to use the int8 serving copy.",
+            stacklevel=3,
+        )
+        return
+    int8_lm_head(model)

@@ -14,6 +14,7 @@ from .library.ops import check_backend
 FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
 DEFAULT_LEVELS = "sp2"  # measured best at equal kernel speed (docs/levels.md)
+LM_HEADS = ("float", "int8")  # the float output head, or its int8 serving copy for CPU decoding
 
 # Fields that never go to config.json: a tokenizer object, a calibration corpus.
 _NOT_SERIALISED = ("tokenizer", "dataset")
@@ -79,6 +80,9 @@ class PoTConfig(QuantizationConfigMixin):
             rounding. `None`: only with ``rounding="nearest"``.
         bit_budget (`float`, *optional*): average code bits per weight; calibration then chooses each layer's bits
             (2/3/4) from its measured sensitivity and writes them into ``module_bits``.
+        lm_head (`str`, *optional*, defaults to `"float"`): with ``"int8"`` a float (not converted) output head
+            gets an int8 per-row serving copy for CPU decoding (`optimum_pot.int8_lm_head`); the checkpoint still
+            stores the float head. Ignored when the head is packed (``modules_to_not_convert=[]``).
         format_version (`int`, *optional*): on-disk format version; set when saving, checked when loading.
     """
 
@@ -111,6 +115,7 @@ class PoTConfig(QuantizationConfigMixin):
         group_scales: str = "static",
         refine_scales: bool | None = None,
         bit_budget: float | None = None,
+        lm_head: str = "float",
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -143,6 +148,7 @@ class PoTConfig(QuantizationConfigMixin):
         self.group_scales = group_scales
         self.refine_scales = refine_scales
         self.bit_budget = bit_budget
+        self.lm_head = lm_head
         self.format_version = format_version
         for key, value in kwargs.items():  # forward-compatible extra fields (e.g. perplexity notes)
             setattr(self, key, value)
@@ -196,6 +202,8 @@ class PoTConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a number {'> 0' if low is None else '>= 0'}, got {v!r}.")
         if not isinstance(self.act_weighted_init, bool):
             raise ValueError(f"act_weighted_init must be True or False, got {self.act_weighted_init!r}.")
+        if self.lm_head not in LM_HEADS:
+            raise ValueError(f"lm_head must be one of {list(LM_HEADS)} (docs/cpu_kernel.md), got {self.lm_head!r}.")
         from .calibration.options import check_calibration_fields
 
         check_calibration_fields(self)

@@ -9,18 +9,20 @@ import pytest
 
 from .conftest import REPO
 
-BENCHES = ["accuracy", "cpu_kernels", "int8_accuracy", "qat", "gpu_kernels", "load_memory", "compile_cost"]
+BENCHES = ["accuracy", "cpu_kernels", "int8_accuracy", "int8_accuracy --head", "qat", "gpu_kernels", "load_memory",
+           "compile_cost"]  # fmt: skip
 # Peers of the `bench` extra that a benchmark compares against: `make install` (the tests' set-up) leaves them out.
 PEERS = {"accuracy": ["hqq", "optimum.quanto"], "cpu_kernels": ["optimum.quanto"]}
 WITHOUT_PEERS = {"accuracy": ["--methods", "int,pot,pot-cal"]}  # its own rows still run
 
 
-@pytest.mark.parametrize("name", BENCHES)
-def test_bench_smoke(name):
+@pytest.mark.parametrize("spec", BENCHES)
+def test_bench_smoke(spec):
+    name, *extra = spec.split()
     missing = [m for m in PEERS.get(name, []) if importlib.util.find_spec(m) is None]
     if missing and name not in WITHOUT_PEERS:
         pytest.skip(f"bench/{name}.py compares against {missing}: make install-bench")
-    args = WITHOUT_PEERS[name] if missing else []
+    args = (WITHOUT_PEERS[name] if missing else []) + extra
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(

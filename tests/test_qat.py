@@ -200,3 +200,49 @@ def test_prepare_qat_on_packed_model_raises():
 def test_convert_unprepared_model_raises():
     with pytest.raises(ValueError, match="prepare_qat"):
         convert_qat(make_tiny_llama(), PoTConfig(bits=4))
+
+
+@pytest.mark.parametrize("arch,bits,levels", [("llama", 3, "sp2"), ("gpt2", 4, "pot"), ("llama", 2, "int")])
+def test_qat_from_quantized_starts_at_that_model(arch, bits, levels):
+    """from_quantized=True: step 0 is the quantised model (e.g. calibrated): same logits, same codes after convert."""
+    cfg = PoTConfig(bits=bits, group_size=32, levels=levels)
+    packed = quantize(MAKERS[arch](), cfg)
+    with torch.no_grad():  # perturb the scales so that they are not what the search would give a float model
+        for m in packed.modules():
+            if isinstance(m, PoTLinear):
+                m.weight_scale.mul_(1.1)
+    before = packed_state(packed)
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = packed(x).logits
+    model = prepare_qat(packed, cfg, from_quantized=True)
+    assert is_qat_prepared(model) and not any(isinstance(m, PoTLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref, atol=1e-4, rtol=1e-4)
+    model(x, labels=x).loss.backward()  # latent weights and scales train
+    layer = next(m for m in model.modules() if isinstance(m, PoTFakeQuantLinear))
+    assert layer.weight.grad.abs().sum() > 0 and layer.weight_scale.grad.abs().sum() > 0
+    after = packed_state(convert_qat(model))
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_trainer_qat_from_a_calibrated_start(tiny_llama_path, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=PoTConfig(bits=3, group_size=32))
+    cfg = model.config.quantization_config
+    prepare_qat(model, cfg, from_quantized=True)
+    trainer_for(model, tmp_path, 2, [PoTQATCallback(cfg)]).train()
+    assert isinstance(model.model.layers[0].mlp.down_proj, PoTLinear)
+    model.save_pretrained(tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    x = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
+
+
+def test_qat_from_quantized_refuses_mismatch_and_float():
+    packed = quantize(make_tiny_llama(), PoTConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match="holds sp2:4.*config asks for sp2:3"):
+        prepare_qat(packed, PoTConfig(bits=3, group_size=32), from_quantized=True)
+    with pytest.raises(ValueError, match="needs a model with packed PoTLinear"):
+        prepare_qat(make_tiny_llama(), PoTConfig(bits=4), from_quantized=True)

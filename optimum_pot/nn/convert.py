@@ -9,6 +9,7 @@ import re
 import torch
 from torch import nn
 
+from .int8_head import Int8HeadLinear
 from .pot_linear import PoTLinear
 
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
@@ -94,6 +95,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     for name, m in pot_layers(model):
         dt = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
         model.set_submodule(name, float_layer(m, dt))
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, Int8HeadLinear)]:
+        model.set_submodule(name, m.to_linear())  # the int8 head is a serving copy of a PoT config
     return model
 
 

@@ -16,7 +16,7 @@ from ..api import resolve_targets
 from ..format.level_set import LevelSet
 from ..format.scale_search import search_scales
 from ..format.weights import quantize_weight
-from ..nn.convert import is_conv1d
+from ..nn.convert import float_layer, is_conv1d
 from ..nn.pot_linear import PoTLinear
 from .ste import fake_quantize_ste
 
@@ -60,6 +60,8 @@ class PoTFakeQuantLinear(nn.Module):
         group_size (`int`): input columns per scale.
         grid_points, refine_steps (`int`): the calibration-free search that initialises the scales.
         backend (`str`): kernel of the packed layer ``convert_qat`` will build.
+        scale, offset (`torch.Tensor`, *optional*): ``[out_features, G]`` starting scales (and offsets) instead of
+            the search, e.g. those of a calibrated model (:func:`prepare_qat` with ``from_quantized=True``).
     """
 
     def __init__(
@@ -70,6 +72,8 @@ class PoTFakeQuantLinear(nn.Module):
         grid_points: int | None = None,
         refine_steps: int | None = None,
         backend: str = "auto",
+        scale: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
     ):
         super().__init__()
         self.from_conv1d = is_conv1d(module)
@@ -79,7 +83,11 @@ class PoTFakeQuantLinear(nn.Module):
         w = self.float_weight().detach()
         self.out_features, self.in_features = w.shape
         self.group_size = min(group_size, self.in_features)
-        scale, offset = search_scales(w.float(), level_set, self.group_size, grid_points, refine_steps=refine_steps)
+        if scale is None:
+            scale, offset = search_scales(w.float(), level_set, self.group_size, grid_points,
+                                          refine_steps=refine_steps)  # fmt: skip
+        else:
+            scale, offset = scale.float().clone(), None if offset is None else offset.float().clone()
         self.weight_scale = nn.Parameter(scale)
         self.weight_offset = nn.Parameter(offset) if offset is not None else None
         # Saved with training checkpoints, so resuming with another level set fails loudly instead of silently
@@ -152,30 +160,59 @@ def is_qat_prepared(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def prepare_qat(model: nn.Module, config) -> nn.Module:
+def prepare_qat(model: nn.Module, config, from_quantized: bool = False) -> nn.Module:
     """Puts a PoT fake-quantiser on every target layer of a float ``model``, in place (idempotent).
 
     Call it before the optimizer is built (``PoTQATCallback`` does so when the ``Trainer`` is created), so the new
     ``weight_scale`` parameters are optimised and wrapped by DDP.
 
     Args:
-        model (`torch.nn.Module`): a float model (``nn.Linear`` / transformers ``Conv1D`` layers).
+        model (`torch.nn.Module`): a float model (``nn.Linear`` / transformers ``Conv1D`` layers), or with
+            ``from_quantized=True`` a quantised one.
         config (`PoTConfig`): level set, bits (``module_bits`` too), group size, ``modules_to_not_convert``.
+        from_quantized (`bool`, *optional*, defaults to `False`): start from the packed ``PoTLinear`` layers of
+            ``model`` (e.g. a GPTQ-calibrated model) instead of float layers: each latent float weight starts at the
+            decoded weight and the scales/offsets at the stored ones, so step 0 *is* that model. Its level sets and
+            group size must be ``config``'s.
 
     Returns:
         The same ``model``.
     """
-    if any(isinstance(m, PoTLinear) for m in model.modules()):
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PoTLinear)]
+    if from_quantized:
+        return _prepare_from_quantized(model, config, packed)
+    if packed:
         raise ValueError(
             "prepare_qat (and PoTQATCallback) needs a float model, but this one already holds packed PoTLinear "
             "layers (loaded with a PoTConfig, quantised, or converted at the end of an earlier QAT run). Load the "
-            "float checkpoint (without quantization_config) for QAT, or fine-tune the packed model with LoRA "
-            "(get_peft_model, see docs/training.md)."
+            "float checkpoint (without quantization_config) for QAT, call prepare_qat(model, config, "
+            "from_quantized=True) before creating the Trainer to start QAT from these quantised weights, or "
+            "fine-tune the packed model with LoRA (get_peft_model, see docs/training.md)."
         )
     config.post_init()
     for name, m in resolve_targets(model, config):
         fq = PoTFakeQuantLinear(m, config.level_set_for(name), config.group_size, config.grid_points,
                                 config.refine_steps, config.backend)  # fmt: skip
+        model.set_submodule(name, fq)
+    model._pot_qat_config = config
+    return model
+
+
+def _prepare_from_quantized(model: nn.Module, config, packed) -> nn.Module:
+    if not packed:
+        raise ValueError("prepare_qat(from_quantized=True) needs a model with packed PoTLinear layers; this one has "
+                         "none. Quantise it first (optimum_pot.quantize or from_pretrained with a PoTConfig).")  # fmt: skip
+    config.post_init()
+    for name, m in packed:
+        want = config.level_set_for(name)
+        if m.level_set != want or m.group_size != min(config.group_size, m.in_features):
+            raise ValueError(
+                f"prepare_qat(from_quantized=True): layer {name} holds {m.level_set.id}, group {m.group_size}, but the "
+                f"config asks for {want.id}, group {config.group_size}. Pass the model's own quantization_config."
+            )
+        offset = None if m.weight_offset is None else m.weight_offset
+        fq = PoTFakeQuantLinear(float_layer(m, torch.float32), m.level_set, m.group_size, backend=config.backend,
+                                scale=m.weight_scale, offset=offset)  # fmt: skip
         model.set_submodule(name, fq)
     model._pot_qat_config = config
     return model
