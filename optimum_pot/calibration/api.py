@@ -32,7 +32,7 @@ def calibrate(model: nn.Module, config, dataset, progress: bool = True) -> list[
     Block ``i`` sees the outputs of the already-calibrated blocks ``< i``. With ``config.rounding="gptq"`` (the
     default) each layer's codes come from error-feedback rounding through its input Hessian (``sequential.py``,
     ``gptq.py``); with ``"nearest"`` from the nearest level. PoTPTQ step 2 (a learned per-group scale residual,
-    ``refine.py``) follows when ``config.refine_scales`` asks for it (by default only after ``"nearest"``). With
+    ``refine.py``) follows unless ``config.refine_scales=False``. With
     ``config.bit_budget``, each layer's bits are chosen first (``allocation.py``) and written into
     ``config.module_bits``. Results are packed into each ``PoTLinear``.
 

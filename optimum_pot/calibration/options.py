@@ -37,5 +37,6 @@ def check_calibration_fields(cfg) -> None:
 
 
 def refines_scales(cfg) -> bool:
-    """Whether PoTPTQ step 2 (the learned scale residual) runs: ``refine_scales``, by default only after nearest."""
-    return cfg.rounding == "nearest" if cfg.refine_scales is None else cfg.refine_scales
+    """Whether PoTPTQ step 2 (the learned scale residual) runs: ``refine_scales``, by default yes (after GPTQ it
+    measured 29.69 → 29.14 at 4 bits, 34.39 → 32.85 at 3, 75.91 → 64.87 at 2 on SmolLM2; docs/calibration.md)."""
+    return True if cfg.refine_scales is None else cfg.refine_scales

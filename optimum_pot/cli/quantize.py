@@ -50,9 +50,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grid-points", type=int, help="scale-search candidates per group (default: the level set's)")
     p.add_argument("--refine-steps", type=int, help="least-squares refinement rounds (default: the level set's)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype of the float parts (default: auto)")
-    calib = p.add_argument_group("calibration (PoTPTQ step 2; optional)")
+    calib = p.add_argument_group("calibration (error-feedback rounding + PoTPTQ step 2; optional)")
     calib.add_argument("--dataset", metavar="FILE_OR_NAME", help="calibration text file or datasets name")
-    calib.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: 128)")
+    calib.add_argument("--num-samples", type=int, help="calibration sequences (default: PoTConfig's, 16)")
     calib.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
     calib.add_argument("--epochs", type=int, default=2, help="passes over the calibration set (default: 2)")
     calib.add_argument(
@@ -78,7 +78,7 @@ def add_parser(subparsers) -> None:
         "--refine-scales",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="learn the scale residual (PoTPTQ step 2, --epochs passes) after rounding (default: only with nearest)",
+        help="learn the scale residual (PoTPTQ step 2, --epochs passes) after rounding (default: on)",
     )
     calib.add_argument(
         "--bit-budget",
@@ -99,7 +99,7 @@ def build_config(args, tokenizer):
     from ..config import PoTConfig
 
     # Unset options fall through to PoTConfig's defaults so the CLI and from_pretrained quantise alike.
-    sizes = {} if args.group_size is None else {"group_size": args.group_size}
+    sizes = {k: v for k, v in (("group_size", args.group_size), ("num_samples", args.num_samples)) if v is not None}
     return PoTConfig(
         bits=args.bits,
         **sizes,
@@ -112,7 +112,6 @@ def build_config(args, tokenizer):
         refine_steps=args.refine_steps,
         dataset=args.dataset,
         tokenizer=tokenizer if args.dataset else None,
-        num_samples=args.num_samples,
         seq_len=args.seq_len,
         epochs=args.epochs,
         rounding=args.rounding,
