@@ -5,7 +5,8 @@
    model trained ``--steps`` steps exactly like the QAT runs (same batches, schedule, frozen embeddings); per bit
    width: calibration-free PTQ (the QAT starting point), optionally calibrated PTQ, then the ``--methods``:
    ``qat`` (next-token loss), ``qat-cal`` (the same, starting from the calibrated PTQ model of ``--cal-samples``:
-   ``prepare_qat(model, cfg, from_quantized=True)``), ``kd`` (distilling the reference, i.e. the float model fine-tuned on the same text),
+   ``prepare_qat(model, cfg, from_quantized=True)``), ``kd`` (distilling the reference, i.e. the float model
+   fine-tuned on the same text),
    ``kd-base`` (distilling the untouched float model), ``lora`` (adapters on the packed PTQ model; merged with
    plain nearest rounding; merged with ``merge_and_requantize``, error feedback on ``--merge-samples`` windows).
 2. A small char-level GPT-2 (4 layers x 128) on ``../shared/data/tinyshakespeare/input.txt``: float training here,

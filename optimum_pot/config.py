@@ -58,7 +58,8 @@ class PoTConfig(QuantizationConfigMixin):
         dataset (`list[str]`, `datasets.Dataset` or `str`, *optional*):
             Calibration text. When given, the quantised model is calibrated block by block after loading.
         tokenizer (*optional*): tokenizer (or its name/path) for the calibration dataset.
-        num_samples (`int`, *optional*, defaults to 16): calibration sequences (128 measured within 0.4 % at 7× the time).
+        num_samples (`int`, *optional*, defaults to 16): calibration sequences (128 measured within 0.4 % at 7×
+            the time).
         seq_len (`int`, *optional*, defaults to 512): tokens per calibration sequence.
         epochs (`int`, *optional*, defaults to 2): passes over the calibration set per block.
         learning_rate (`float`, *optional*, defaults to 1e-3): Adam learning rate of the scale residual.

@@ -200,8 +200,10 @@ def prepare_qat(model: nn.Module, config, from_quantized: bool = False) -> nn.Mo
 
 def _prepare_from_quantized(model: nn.Module, config, packed) -> nn.Module:
     if not packed:
-        raise ValueError("prepare_qat(from_quantized=True) needs a model with packed PoTLinear layers; this one has "
-                         "none. Quantise it first (optimum_pot.quantize or from_pretrained with a PoTConfig).")  # fmt: skip
+        raise ValueError(
+            "prepare_qat(from_quantized=True) needs a model with packed PoTLinear layers; this one has none. "
+            "Quantise it first (optimum_pot.quantize or from_pretrained with a PoTConfig)."
+        )
     config.post_init()
     for name, m in packed:
         want = config.level_set_for(name)
