@@ -63,12 +63,12 @@ def quantize(model: nn.Module, config, dataset=None) -> nn.Module:
     from .hf.integration import attach_hf_quantizer
 
     attach_hf_quantizer(model, config)
-    apply_lm_head(model, config)
     if data is not None:
         with torch.enable_grad():
             from .calibration import calibrate
 
             calibrate(model, config, data)
+    apply_lm_head(model, config)  # last, as in from_pretrained: a serving copy of the final float head
     return model
 
 

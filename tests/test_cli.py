@@ -186,5 +186,20 @@ def test_cli_defaults_follow_potconfig():
 
     args = build_parser().parse_args(["quantize", "in", "out"])
     built, default = build_config(args, None).to_dict(), PoTConfig().to_dict()
-    for key in ("bits", "group_size", "levels", "offset", "zero_level", "backend", "num_samples", "refine_scales"):
+    for key in (
+        "bits",
+        "group_size",
+        "levels",
+        "offset",
+        "zero_level",
+        "backend",
+        "num_samples",
+        "refine_scales",
+        "seq_len",
+        "epochs",
+        "rounding",
+        "damp_percent",
+        "act_order",
+        "group_scales",
+    ):
         assert built[key] == default[key], key

@@ -53,24 +53,21 @@ def add_parser(subparsers) -> None:
     calib = p.add_argument_group("calibration (error-feedback rounding + PoTPTQ step 2; optional)")
     calib.add_argument("--dataset", metavar="FILE_OR_NAME", help="calibration text file or datasets name")
     calib.add_argument("--num-samples", type=int, help="calibration sequences (default: PoTConfig's, 16)")
-    calib.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
-    calib.add_argument("--epochs", type=int, default=2, help="passes over the calibration set (default: 2)")
+    calib.add_argument("--seq-len", type=int, help="tokens per calibration sequence (default: 512)")
+    calib.add_argument("--epochs", type=int, help="passes over the calibration set (default: 2)")
     calib.add_argument(
         "--rounding",
-        default="gptq",
         choices=["gptq", "nearest"],
         help="codes by error-feedback rounding (gptq) or the nearest level (default: gptq)",
     )
-    calib.add_argument("--damp-percent", type=float, default=0.01, help="gptq: Hessian damping (default: 0.01)")
+    calib.add_argument("--damp-percent", type=float, help="gptq: Hessian damping (default: 0.01)")
     calib.add_argument(
         "--act-order",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="gptq: round columns by decreasing input energy (default: on)",
     )
     calib.add_argument(
         "--group-scales",
-        default="static",
         choices=["static", "dynamic"],
         help="gptq: scales searched before rounding, or as each group is reached (default: static)",
     )
@@ -98,11 +95,13 @@ def build_config(args, tokenizer):
     """The `PoTConfig` of the command line (raises `ValueError` for invalid values)."""
     from ..config import PoTConfig
 
-    # Unset options fall through to PoTConfig's defaults so the CLI and from_pretrained quantise alike.
-    sizes = {k: v for k, v in (("group_size", args.group_size), ("num_samples", args.num_samples)) if v is not None}
+    # Options left unset (None) fall through to PoTConfig's defaults, so the CLI and from_pretrained quantise alike.
+    unset_is_default = ("group_size", "num_samples", "seq_len", "epochs", "rounding", "damp_percent", "act_order",
+                        "group_scales")  # fmt: skip
+    chosen = {k: getattr(args, k) for k in unset_is_default if getattr(args, k) is not None}
     return PoTConfig(
         bits=args.bits,
-        **sizes,
+        **chosen,
         levels=args.levels,
         zero_level=args.zero_level,
         offset=args.offset,
@@ -112,12 +111,6 @@ def build_config(args, tokenizer):
         refine_steps=args.refine_steps,
         dataset=args.dataset,
         tokenizer=tokenizer if args.dataset else None,
-        seq_len=args.seq_len,
-        epochs=args.epochs,
-        rounding=args.rounding,
-        damp_percent=args.damp_percent,
-        act_order=args.act_order,
-        group_scales=args.group_scales,
         refine_scales=args.refine_scales,
         bit_budget=args.bit_budget,
     )

@@ -16,7 +16,7 @@ from ..api import resolve_targets
 from ..format.level_set import LevelSet
 from ..format.scale_search import search_scales
 from ..format.weights import quantize_weight
-from ..nn.convert import float_layer, is_conv1d
+from ..nn.convert import float_layer, is_conv1d, pot_layers
 from ..nn.pot_linear import PoTLinear
 from .ste import fake_quantize_ste
 
@@ -178,7 +178,7 @@ def prepare_qat(model: nn.Module, config, from_quantized: bool = False) -> nn.Mo
     Returns:
         The same ``model``.
     """
-    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PoTLinear)]
+    packed = pot_layers(model)
     if from_quantized:
         return _prepare_from_quantized(model, config, packed)
     if packed:
@@ -212,9 +212,8 @@ def _prepare_from_quantized(model: nn.Module, config, packed) -> nn.Module:
                 f"prepare_qat(from_quantized=True): layer {name} holds {m.level_set.id}, group {m.group_size}, but the "
                 f"config asks for {want.id}, group {config.group_size}. Pass the model's own quantization_config."
             )
-        offset = None if m.weight_offset is None else m.weight_offset
         fq = PoTFakeQuantLinear(float_layer(m, torch.float32), m.level_set, m.group_size, backend=config.backend,
-                                scale=m.weight_scale, offset=offset)  # fmt: skip
+                                scale=m.weight_scale, offset=m.weight_offset)  # fmt: skip
         model.set_submodule(name, fq)
     model._pot_qat_config = config
     return model
