@@ -32,15 +32,21 @@ check:
 bench: install-bench
 	$(PY) bench/accuracy.py
 	$(PY) bench/cpu_kernels.py
+	$(PY) bench/int8_accuracy.py --head
 	$(PY) bench/qat.py
 	$(PY) bench/gpu_kernels.py
 	$(PY) bench/load_memory.py
 	$(PY) bench/compile_cost.py
+	$(PY) bench/export_decode.py
+	$(PY) bench/synthetic_llama.py
 
 bench-smoke: install-bench
 	$(PY) bench/accuracy.py --smoke
 	$(PY) bench/cpu_kernels.py --smoke
+	$(PY) bench/int8_accuracy.py --smoke --head
 	$(PY) bench/qat.py --smoke
 	$(PY) bench/gpu_kernels.py --smoke
 	$(PY) bench/load_memory.py --smoke
 	$(PY) bench/compile_cost.py --smoke
+	$(PY) bench/export_decode.py --smoke
+	$(PY) bench/synthetic_llama.py --smoke

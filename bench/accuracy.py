@@ -66,6 +66,7 @@ def parse_args(argv=None):
     cal.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     cal.add_argument("--act-weighted-init", action=argparse.BooleanOptionalAction, default=None)
     cal.add_argument("--refine-scales", action=argparse.BooleanOptionalAction, default=None, help="PoTPTQ step 2")
+    cal.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="step 2 in bf16 autocast")
     cal.add_argument("--damp-percent", type=float, default=None)
     cal.add_argument("--epochs", type=int, default=None)
     cal.add_argument("--lr", type=float, default=None, help="step 2 learning rate")
@@ -85,7 +86,8 @@ def calibration_fields(args) -> dict:
     """The calibration fields given on the command line (the others keep PoTConfig's defaults)."""
     names = {"samples": "num_samples", "cal_seq_len": "seq_len", "rounding": "rounding", "epochs": "epochs",
              "group_scales": "group_scales", "act_order": "act_order", "act_weighted_init": "act_weighted_init",
-             "refine_scales": "refine_scales", "damp_percent": "damp_percent", "lr": "learning_rate"}  # fmt: skip
+             "refine_scales": "refine_scales", "amp": "amp", "damp_percent": "damp_percent",
+             "lr": "learning_rate"}  # fmt: skip
     return {field: getattr(args, a) for a, field in names.items() if getattr(args, a) is not None}
 
 

@@ -6,7 +6,8 @@ ahead of time into an AOTInductor package (``.pt2``). A fresh process that impor
 transformers, no optimum_pot) loads the PoT operator library (``torch.ops.load_library``) and the package, feeds
 the prompt one token at a time, then decodes greedily and reports tokens/s; its tokens are checked against the eager
 model fed the same way. Rows: float32, and the default 4-bit PoT model with the int8 ``lm_head`` copy
-(``PoTConfig(lm_head="int8")``). Export and compile times are printed.
+(``PoTConfig(lm_head="int8")``), then llama.cpp on the same GGUF in the same run (when llama-cpp-python runs here).
+Export and compile times are printed.
 
     python bench/export_decode.py              # 32-token prompt, 64 new tokens, 2 threads (~6 min on 2 cores)
     python bench/export_decode.py --smoke      # CI: the PoT row only, 4-token prompt, 4 new tokens
@@ -131,6 +132,13 @@ def main(argv=None):
             if not same:
                 print(f"  package tokens {res['tokens'][:16]}, eager {eager[:16]}")
             print(f"| {name} | {t_export:.0f} | {t_compile:.0f} | {res['rate']:.1f} | {same} |", flush=True)
+    if not args.smoke:  # the yardstick, same run: llama.cpp on the GGUF the float checkpoint came from
+        from cpu_e2e import llama_cpp_numbers
+
+        text = open(WIKITEXT, encoding="utf-8").read()[:4000]
+        cpp = llama_cpp_numbers(text, args.prompt_tokens, 512, args.new_tokens, args.threads, 2)
+        if cpp is not None:
+            print(f"| llama.cpp Q4_1 (llama-cpp-python, same GGUF) | – | – | {cpp[0]:.1f} | – |", flush=True)
 
 
 if __name__ == "__main__":

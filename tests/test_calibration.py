@@ -149,11 +149,38 @@ def test_too_short_samples_raise(tok, texts):
         quantize(make_tiny_llama(), cal_config(tok), ["x" * (3 * SEQ + 10)])  # one token per byte: 3 samples
 
 
+def test_amp_step2_matches_float32(tok, texts):
+    """Step 2 in bfloat16 autocast lands on the same quality as in float32 (both beat error feedback alone), and the
+    block's learned scales differ (it really ran in bfloat16)."""
+    ref, ids = make_tiny_llama(), held_out_ids(tok)
+    gptq = quantize(make_tiny_llama(), cal_config(tok, refine_scales=False), texts)
+    fp32 = quantize(make_tiny_llama(), cal_config(tok, amp=False), texts)
+    bf16 = quantize(make_tiny_llama(), cal_config(tok, amp=True), texts)
+    e_gptq, e32, e16 = (last_hidden_error(m, ref, ids) for m in (gptq, fp32, bf16))
+    assert e32 < e_gptq and e16 < e_gptq
+    assert e16 < 1.25 * e32
+    name = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(fp32.get_submodule(name).weight_scale, bf16.get_submodule(name).weight_scale)
+
+
+def test_uses_amp_follows_the_config_then_the_device_and_bits():
+    from optimum_pot.calibration.options import AMP_MIN_BITS, fast_bfloat16, uses_amp
+
+    cpu = torch.device("cpu")
+    for bits in (2, 3, 4):
+        assert uses_amp(PoTConfig(amp=True), cpu, bits) and not uses_amp(PoTConfig(amp=False), cpu, bits)
+    assert not uses_amp(PoTConfig(), torch.device("meta"), 4)  # unknown device: float32
+    fast = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    assert fast_bfloat16(cpu) == fast
+    assert uses_amp(PoTConfig(), cpu, AMP_MIN_BITS) == fast
+    assert not uses_amp(PoTConfig(), cpu, AMP_MIN_BITS - 1)  # narrower blocks keep float32 (measured better)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("calibration_batch_size", 0), ("act_weighted_init", "yes"), ("rounding", "gptq2"), ("group_scales", "x"),
-     ("gptq_block_size", 0), ("act_order", 1), ("refine_scales", "no")],
-    ids=["batch0", "awi-str", "rounding", "group-scales", "block0", "act-order-int", "refine-str"],
+     ("gptq_block_size", 0), ("act_order", 1), ("refine_scales", "no"), ("amp", "yes")],
+    ids=["batch0", "awi-str", "rounding", "group-scales", "block0", "act-order-int", "refine-str", "amp-str"],
 )  # fmt: skip
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):

@@ -64,7 +64,7 @@ def calibrate(model: nn.Module, config, dataset, progress: bool = True) -> list[
     report = []
     if config.bit_budget is not None:
         t0, c0 = time.perf_counter(), time.process_time()
-        spent = allocate_bits(model, prefix, blocks, weights, inputs, hidden, config, progress)
+        spent = allocate_bits(model, prefix, blocks, weights, inputs, hidden, samples, config, progress)
         spent.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
         report.append({"allocation": spent})
     step = refine_block if config.rounding == "nearest" else gptq_block

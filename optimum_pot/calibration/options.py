@@ -1,5 +1,7 @@
 """Validation of the calibration fields of ``PoTConfig`` (called from ``PoTConfig.post_init``)."""
 
+import torch
+
 ROUNDINGS = ("gptq", "nearest")
 GROUP_SCALES = ("static", "dynamic")
 
@@ -23,6 +25,8 @@ def check_calibration_fields(cfg) -> None:
             raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
     if cfg.refine_scales is not None and not isinstance(cfg.refine_scales, bool):
         raise ValueError(f"refine_scales must be True, False or None, got {cfg.refine_scales!r}.")
+    if cfg.amp is not None and not isinstance(cfg.amp, bool):
+        raise ValueError(f"amp must be True, False or None (automatic), got {cfg.amp!r}.")
     b = cfg.gptq_block_size
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
         raise ValueError(f"gptq_block_size must be an integer >= 1, got {b!r}.")
@@ -40,3 +44,30 @@ def refines_scales(cfg) -> bool:
     """Whether PoTPTQ step 2 (the learned scale residual) runs: ``refine_scales``, by default yes (after GPTQ it
     measured 29.69 → 29.14 at 4 bits, 34.39 → 32.85 at 3, 75.91 → 64.87 at 2 on SmolLM2; docs/calibration.md)."""
     return True if cfg.refine_scales is None else cfg.refine_scales
+
+
+# Narrowest code width at which ``amp=None`` runs step 2 in bfloat16. Measured on SmolLM2 (sp2, g64, one run each):
+# 4-bit 29.06 with bfloat16 vs 29.14 in float32 (and 172 vs 248 s of calibration); 3-bit 33.20 vs 32.85; 2-bit
+# 67.89 vs 64.87 — so narrower blocks keep float32.
+AMP_MIN_BITS = 4
+
+
+def uses_amp(cfg, device: torch.device, bits: int) -> bool:
+    """Whether step 2 runs a block whose narrowest layer has ``bits`` in bfloat16 autocast: ``amp`` when set; by
+    default where bfloat16 matmuls are fast (CUDA, or a CPU with AMX tiles: 4.7x fp32 for a [8192, 576] x
+    [576, 1536] matmul on the 2-core machine) and ``bits >= AMP_MIN_BITS``."""
+    if cfg.amp is not None:
+        return cfg.amp
+    return bits >= AMP_MIN_BITS and fast_bfloat16(device)
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls faster than float32 (CUDA with bf16; CPUs with AMX tiles)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # a private probe of torch's CPU capabilities; absent or failing means "not known fast"
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:
+        return False

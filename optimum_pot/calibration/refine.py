@@ -84,7 +84,7 @@ class FixedGridLinear(nn.Module):
     def __init__(self, rounded: Rounded, bias, level_set, group_size: int):
         super().__init__()
         k = rounded.weight.shape[1]
-        self.group_size, self.k = group_size, k
+        self.level_set, self.group_size, self.k = level_set, group_size, k
         s = expand_groups(rounded.scale, group_size, k)
         z = None if rounded.offset is None else expand_groups(rounded.offset, group_size, k)
         self.register_buffer("unit", nearest_levels(unit_ratio(rounded.weight, s, z), level_set))  # L[code] [N, K]
@@ -160,7 +160,12 @@ def trainable_block(block: nn.Module, weights, importance, cfg) -> nn.Module:
 def optimise(block: nn.Module, inputs: BlockInputs, hidden: list, targets: list, cfg, desc: str,
              progress: bool = True) -> list[float]:  # fmt: skip
     """Adam on every ``Γ`` of ``block`` for ``cfg.epochs`` passes; returns the mean loss of each epoch."""
-    gammas = [m.gamma for m in block.modules() if isinstance(m, FakeQuantLinear | FixedGridLinear)]
+    from .options import uses_amp
+
+    layers = [m for m in block.modules() if isinstance(m, FakeQuantLinear | FixedGridLinear)]
+    gammas = [m.gamma for m in layers]
+    device = hidden[0].device if hidden else torch.device("cpu")
+    amp = uses_amp(cfg, device, min((m.level_set.bits for m in layers), default=0))
     opt = torch.optim.Adam(gammas, lr=cfg.learning_rate)
     bs = cfg.calibration_batch_size
     order = torch.Generator().manual_seed(0)
@@ -174,7 +179,9 @@ def optimise(block: nn.Module, inputs: BlockInputs, hidden: list, targets: list,
                 idx = perm[i : i + bs]
                 x = torch.cat([hidden[j] for j in idx]).float()  # [B, L, H]
                 y = torch.cat([targets[j] for j in idx]).float()
-                err = (block_output(block, x, inputs) - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-12)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = block_output(block, x, inputs)
+                err = (out.float() - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-12)
                 loss = err + cfg.reg_lambda * torch.stack([g.pow(2).mean() for g in gammas]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

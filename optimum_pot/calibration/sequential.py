@@ -45,10 +45,13 @@ def pot_modules(block: nn.Module) -> list[tuple[str, PoTLinear]]:
 
 def work_block(block: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """A float32 copy of ``block`` whose ``PoTLinear`` layers are :class:`WorkLinear` with ``weights[name]``."""
-    out = copy.deepcopy(block).float()
+    mods = pot_modules(block)
+    # The PoT layers are replaced anyway: keep deepcopy from copying their packed codes and held float weights.
+    memo = {id(m): nn.Identity() for _, m in mods}
+    out = copy.deepcopy(block, memo).float()
     for p in out.parameters():
         p.requires_grad_(False)
-    for name, m in pot_modules(out):
+    for name, m in mods:
         out.set_submodule(name, WorkLinear(weights[name], m.bias))
     return out
 

@@ -78,6 +78,12 @@ def add_parser(subparsers) -> None:
         help="learn the scale residual (PoTPTQ step 2, --epochs passes) after rounding (default: on)",
     )
     calib.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="step 2 in bfloat16 autocast (default: where bfloat16 is fast: CUDA, CPUs with AMX)",
+    )
+    calib.add_argument(
         "--bit-budget",
         type=float,
         default=None,
@@ -112,6 +118,7 @@ def build_config(args, tokenizer):
         dataset=args.dataset,
         tokenizer=tokenizer if args.dataset else None,
         refine_scales=args.refine_scales,
+        amp=args.amp,
         bit_budget=args.bit_budget,
     )
 
