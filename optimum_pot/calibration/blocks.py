@@ -88,11 +88,16 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, samples: torch.Tens
     return caught
 
 
+def block_device(block: nn.Module) -> torch.device:
+    """Where ``block`` runs: its first parameter's device, else its first buffer's (a working copy may hold only
+    buffers)."""
+    ref = next(iter(block.parameters()), None)
+    return (ref if ref is not None else next(iter(block.buffers()))).device
+
+
 def block_output(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     """Calls ``block`` on ``hidden`` ``[B, L, H]`` with the captured extras (cast to ``hidden``'s device and dtype)."""
-    ref = next(iter(block.parameters()), None)
-    ref = ref if ref is not None else next(iter(block.buffers()))
-    hidden = hidden.to(ref.device)
+    hidden = hidden.to(block_device(block))
     dev, dt = hidden.device, hidden.dtype
     # The extras were caught for one sample; masks and positions broadcast over a batch of samples.
     out = block(hidden, *_to(inputs.args, dev, dt), **{k: _to(v, dev, dt) for k, v in inputs.kwargs.items()})

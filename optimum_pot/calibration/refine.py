@@ -23,7 +23,7 @@ from ..format.levels import fake_quantize, nearest_levels, unit_ratio
 from ..format.scale_search import round_scale, search_scales
 from ..format.weights import quantize_weight
 from ..nn.pot_linear import PoTLinear
-from .blocks import BlockInputs, block_output
+from .blocks import BlockInputs, block_device, block_output
 from .gptq import Rounded
 from .sequential import (
     ERROR_SAMPLES,
@@ -164,7 +164,7 @@ def optimise(block: nn.Module, inputs: BlockInputs, hidden: list, targets: list,
 
     layers = [m for m in block.modules() if isinstance(m, FakeQuantLinear | FixedGridLinear)]
     gammas = [m.gamma for m in layers]
-    device = hidden[0].device if hidden else torch.device("cpu")
+    device = block_device(block)  # where it runs: the cached activations may be offloaded to the CPU
     amp = uses_amp(cfg, device, min((m.level_set.bits for m in layers), default=0))
     opt = torch.optim.Adam(gammas, lr=cfg.learning_rate)
     bs = cfg.calibration_batch_size
