@@ -121,3 +121,20 @@ def test_sensitivity_predicts_the_measured_loss_increase():
     rank = lambda v: torch.tensor(v).argsort().argsort().float()  # noqa: E731
     predicted, actual = rank([errors[n][2] for n in names]), rank([measured[n] for n in names])
     assert torch.corrcoef(torch.stack([predicted, actual]))[0, 1] > 0.5
+
+
+def test_output_gradients_without_a_loss_fall_back_and_restore_the_model():
+    """A model that returns no loss for ``labels`` gives ``None`` (the allocation then ranks by relative error),
+    and the parameters that were trainable are trainable again."""
+    from types import SimpleNamespace
+
+    from optimum_pot.calibration.allocation import output_gradients
+
+    model = quantize(make_tiny_llama(), PoTConfig(bits=4, group_size=32))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = [n for n, m in model.named_modules() if isinstance(m, PoTLinear)]
+    ids = torch.randint(0, 200, (2, 16))
+    assert set(output_gradients(model, ids, names)) == set(names)
+    model.forward = lambda *a, **k: SimpleNamespace(loss=None, logits=None)
+    assert output_gradients(model, ids, names) is None
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
