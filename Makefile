@@ -33,6 +33,7 @@ bench: install-bench
 	$(PY) bench/accuracy.py
 	$(PY) bench/cpu_kernels.py
 	$(PY) bench/int8_accuracy.py --head
+	$(PY) bench/int8_accuracy.py --prefill
 	$(PY) bench/qat.py
 	$(PY) bench/gpu_kernels.py
 	$(PY) bench/load_memory.py
@@ -44,6 +45,7 @@ bench-smoke: install-bench
 	$(PY) bench/accuracy.py --smoke
 	$(PY) bench/cpu_kernels.py --smoke
 	$(PY) bench/int8_accuracy.py --smoke --head
+	$(PY) bench/int8_accuracy.py --smoke --prefill
 	$(PY) bench/qat.py --smoke
 	$(PY) bench/gpu_kernels.py --smoke
 	$(PY) bench/load_memory.py --smoke

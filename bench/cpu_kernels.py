@@ -5,6 +5,7 @@ float vs llama.cpp on the Q4_1 GGUF).
 
     python bench/cpu_kernels.py            # full run (~15 min on 2 cores)
     python bench/cpu_kernels.py --smoke    # CI: small shapes, few tokens (< 3 min)
+    python bench/cpu_kernels.py --prefill  # the M = 512 rows of the kernel table only (~3 min)
 
 Every number is the median of interleaved repetitions (all methods timed in turn, ``--reps`` rounds), so the
 ratios printed side by side share the machine's state. Weights rotate over several copies (> 64 MiB in all per
@@ -51,6 +52,20 @@ def rotating(make, nbytes: int):
 def fp32_method(n, k):
     nxt = rotating(lambda: torch.randn(n, k), n * k * 4)
     return lambda x: torch.nn.functional.linear(x, nxt())
+
+
+def bf16_method(n, k):
+    """``F.linear`` in bfloat16 (weights and activations; the activations' cast is not timed): what a bfloat16 float
+    model computes, and the fastest dense prefill on CPUs with AMX."""
+    nxt = rotating(lambda: torch.randn(n, k, dtype=torch.bfloat16), n * k * 2)
+    cast = {}
+
+    def run(x):
+        if cast.get("src") is not x:
+            cast.update(src=x, dst=x.bfloat16())
+        return torch.nn.functional.linear(cast["dst"], nxt())
+
+    return run
 
 
 def torch_int4_method(n, k, act_dtype=torch.bfloat16):
@@ -141,19 +156,20 @@ def check_correct() -> float:
 
 
 def kernel_table(shapes, ms, reps, quanto_reps, clock=time.perf_counter):
-    """PoT ``cpu`` (fp32 activations) and ``cpu_int8`` (int8 activations at decode rows; above ``GEMM_MIN_M`` rows
-    the same GEMM path as ``cpu``) for several level sets, beside the three baselines; ratios side by side."""
+    """PoT ``cpu`` (fp32 activations) and ``cpu_int8`` (= ``auto``: int8 activations at decode rows; above
+    ``GEMM_MIN_M`` rows the GEMM path, in bfloat16 on AMX CPUs, else as ``cpu``) for several level sets, beside the
+    baselines (fp32 and bfloat16 ``F.linear``, torch int4, quanto int4); ratios side by side."""
     what = "wall" if clock is time.perf_counter else "CPU (thread) time, 1 thread"
     print(f"\n## GEMV/GEMM {what}, group size {GROUP}, median of {reps} interleaved runs (ms); ratio = other / PoT, "
           f"PoT = {TWO_TERM} (the default)")  # fmt: skip
     head = ["K x N", "M", "fp32", "int4(torch)", "int4 fp32-act", "quanto int4"] + [f"cpu {v}" for v in FP32_LEVELS]
-    head += [f"int8 {v}" for v in INT8_LEVELS]
+    head += [f"int8 {v}" for v in INT8_LEVELS] + ["bf16"]
     head += [f"{TWO_TERM} / {SINGLE} cpu", f"{TWO_TERM} / {SINGLE} int8", "fp32/PoT", "int4/PoT", "quanto/PoT",
-             "fp32/PoT int8", "int4/PoT int8", "int4 fp32-act/PoT int8"]  # fmt: skip
+             "fp32/PoT int8", "int4/PoT int8", "int4 fp32-act/PoT int8", "bf16/PoT int8"]  # fmt: skip
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     rows = []
     for k, n in shapes:
-        methods = {"fp32": fp32_method(n, k), "int4": torch_int4_method(n, k)}
+        methods = {"fp32": fp32_method(n, k), "int4": torch_int4_method(n, k), "bf16": bf16_method(n, k)}
         methods.update({f"cpu {v}": pot_method(n, k, v, "cpu") for v in FP32_LEVELS})
         methods.update({f"int8 {v}": pot_method(n, k, v, "cpu_int8") for v in INT8_LEVELS})
         quanto, int4_f32 = quanto_method(n, k), torch_int4_method(n, k, torch.float32)
@@ -165,10 +181,10 @@ def kernel_table(shapes, ms, reps, quanto_reps, clock=time.perf_counter):
             pot, pot_i8 = t[f"cpu {TWO_TERM}"], t[f"int8 {TWO_TERM}"]
             cells = [f"{k}x{n}", str(m)] + [f"{t[c] * 1e3:.2f}" if c in t else "" for c in ("fp32", "int4", "int4f32")]
             cells += [f"{t['quanto'] * 1e3:.2f}"] + [f"{t[c] * 1e3:.2f}" for c in head[6 : 6 + len(FP32_LEVELS)]]
-            cells += [f"{t[f'int8 {v}'] * 1e3:.2f}" for v in INT8_LEVELS]
+            cells += [f"{t[f'int8 {v}'] * 1e3:.2f}" for v in INT8_LEVELS] + [f"{t['bf16'] * 1e3:.2f}"]
             cells += [f"{pot / t[f'cpu {SINGLE}']:.3f}", f"{pot_i8 / t[f'int8 {SINGLE}']:.3f}"]
             cells += [f"{t[c] / pot:.2f}x" for c in ("fp32", "int4", "quanto")]
-            cells += [f"{t[c] / pot_i8:.2f}x" if c in t else "" for c in ("fp32", "int4", "int4f32")]
+            cells += [f"{t[c] / pot_i8:.2f}x" if c in t else "" for c in ("fp32", "int4", "int4f32", "bf16")]
             print("| " + " | ".join(cells) + " |", flush=True)
             rows.append((k, n, m, t))
         del methods, quanto, int4_f32
@@ -231,6 +247,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-e2e", action="store_true", help="kernels only")
     parser.add_argument("--compile", action="store_true", help="also try a static cache + torch.compile decode")
+    parser.add_argument("--prefill", action="store_true", help="kernel table at M = 512 only (no dispatch, no e2e)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -241,6 +258,9 @@ def main(argv=None):
     print(f"kernel operator build/load {time.perf_counter() - t0:.1f} s ({built}); max rel. error vs reference "
           f"{check_correct():.2e}")  # fmt: skip
     print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes share the machine when > ~0.5)")
+    if args.prefill:
+        kernel_table([(4096, 4096), (4096, 11008), (11008, 4096)], [512], args.reps or 5, 1)
+        return
     dispatch_table(5 if args.smoke else 15)
     if args.smoke:
         MAX_COPIES[0] = 2

@@ -33,16 +33,28 @@ def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) 
 
 @torch.no_grad()
 def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over ``[W, T]`` windows."""
+    """exp(mean next-token NLL) over ``[W, T]`` windows; PoT layers computed with ``backend="cpu"`` (fp32, like the
+    float rows; ``auto`` would prefill in bfloat16 on AMX CPUs), their backends restored afterwards."""
+    from optimum_pot.nn import PoTLinear
+
     model.eval()
+    pot = [m for m in model.modules() if isinstance(m, PoTLinear)]
+    backends = [m.backend for m in pot]
+    for m in pot:
+        m.backend = "cpu"
     nll, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size]
-        logits = model(batch).logits.float()
-        nll += nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += batch[:, 1:].numel()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(windows), batch_size):
+                batch = windows[i : i + batch_size]
+                logits = model(batch).logits.float()
+                nll += nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                ).item()
+                count += batch[:, 1:].numel()
+    finally:
+        for m, b in zip(pot, backends, strict=True):
+            m.backend = b
     return math.exp(nll / count)
 
 

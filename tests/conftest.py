@@ -83,3 +83,13 @@ def lib():
         return build.load_op()
     except KernelBuildError as err:
         pytest.skip(f"CPU kernel unavailable: {err}")
+
+
+@pytest.fixture(autouse=True)
+def fp32_prefill(monkeypatch):
+    """Off by default in tests: the bfloat16 prefill GEMM that ``cpu_int8``/``auto`` take on AMX CPUs, so that tests
+    asserting fp32 identities (a packed model equals its dequantized or fake-quantised float model) mean the same
+    on every machine. test_cpu_kernel.py turns it on (both ways) where it tests that path."""
+    from optimum_pot.kernels.cpu import linear
+
+    monkeypatch.setitem(linear._STATE, "bf16", False)

@@ -10,21 +10,31 @@ import torch
 
 from optimum_pot.format.activations import fake_quantize_activations_int8
 from optimum_pot.format.packing import pack, unpack
-from optimum_pot.kernels.cpu import int8_path
+from optimum_pot.kernels.cpu import bf16_path, int8_path
 from optimum_pot.library.ops import available_backends, pot_linear, pot_linear_infer
 from optimum_pot.library.reference import pot_linear_reference
 from optimum_pot.nn import PoTLinear
 
 from .level_sets import ALL_LEVEL_SETS, DEFAULT_LEVEL_SETS, ids
 
-# backend -> (activation transform the kernel computes with, rtol, atol): the kernel must equal the reference on
-# the transformed activations (cpu_int8 rounds decode-sized activations to int8 per 64 columns).
+
+def _reduced(x, m, group, ls):
+    """cpu_int8: int8 activations per 64 columns at decode rows; bfloat16 activations (so the reference decodes
+    the weight in bfloat16 too) at prefill rows on AMX CPUs; else exactly the fp32 computation."""
+    if int8_path(m, group, ls):
+        return fake_quantize_activations_int8(x), 1e-4, 1e-4
+    if bf16_path(m):
+        return x.bfloat16(), 1.6e-2, 1.6e-2  # bfloat16 rounds each output to 8 significant bits
+    return x, 1e-4, 1e-4
+
+
+# backend -> f(x, m, group, level set) = (activations the kernel computes with, rtol, atol): the kernel must equal
+# the reference on them.
 SPECS = {
-    "reference": (lambda x, m, group, ls: x, 0.0, 0.0),
-    "cpu": (lambda x, m, group, ls: x, 1e-5, 1e-5),
-    "cpu_int8": (lambda x, m, group, ls: fake_quantize_activations_int8(x) if int8_path(m, group, ls) else x, 1e-4,
-                 1e-4),
-}  # fmt: skip
+    "reference": lambda x, m, group, ls: (x, 0.0, 0.0),
+    "cpu": lambda x, m, group, ls: (x, 1e-5, 1e-5),
+    "cpu_int8": _reduced,
+}
 BACKENDS = [b for b in SPECS if b in available_backends("cpu")]
 # Output SQNR floor (dB) of a calibration-free layer on Gaussian weights, by bits (every level set must pass).
 SQNR_FLOOR = {2: 5.0, 3: 11.0, 4: 14.0}
@@ -52,9 +62,9 @@ def test_kernel_equals_reference(ls, backend, m):
         x = torch.randn(m, 200)
         with torch.no_grad():
             y = q(x)
-            xr = spec[0](x, m, group, ls)
+            xr, rtol, atol = spec(x, m, group, ls)
             ref = pot_linear_reference(xr, q.weight, q.weight_scale, q.weight_offset, q.bias, ls, group, 200)
-        torch.testing.assert_close(y, ref, rtol=spec[1], atol=spec[2] * ref.abs().max().item())
+        torch.testing.assert_close(y, ref.float(), rtol=rtol, atol=atol * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -67,8 +77,8 @@ def test_kernel_dtypes_and_shapes(ls, backend):
         x = torch.randn(2, 3, 128, dtype=dtype)
         with torch.no_grad():
             y = q(x)
-            xr = SPECS[backend][0](x.float(), 6, 64, ls)
-            ref = pot_linear_reference(xr, q.weight, q.weight_scale, q.weight_offset, None, ls, 64, 128)
+            xr = SPECS[backend](x.float(), 6, 64, ls)[0]
+            ref = pot_linear_reference(xr, q.weight, q.weight_scale, q.weight_offset, None, ls, 64, 128).float()
         assert y.dtype == dtype and y.shape == (2, 3, 24)
         torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 

@@ -82,6 +82,52 @@ def test_gemm_path_in_several_tiles(lib):
         lib.pot_op_set_tile_floats(previous)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32-cpu", "amx-cpu"])
+def test_prefill_gemm_in_bfloat16_where_fast(lib, monkeypatch, fast):
+    """cpu_int8 and auto multiply prefill-sized inputs in bfloat16 only where this CPU's bfloat16 GEMM is fast
+    (forced both ways here), in one tile or several; ``cpu`` always computes in fp32."""
+    monkeypatch.setitem(linear._STATE, "bf16", fast)
+    ls, (n, k, g) = from_id("sp2:4:offset"), (29, 577, 128)
+    packed, scale, offset = make_weight(n, k, ls, g)
+    x, bias = torch.randn(40, k), torch.randn(n)
+    exact = pot_linear_reference(x, packed, scale, offset, bias, ls, g, k)
+    rounded = pot_linear_reference(x.bfloat16(), packed, scale, offset, bias, ls, g, k).float()
+    reduced = fast and linear._cpu_runs_int8()
+    assert linear.bf16_path(40) == reduced and not linear.bf16_path(linear.GEMM_MIN_M)
+    previous = lib.pot_op_set_tile_floats(11 * 640)
+    try:
+        for _tiles in ("several", "one"):
+            for fn in (linear.pot_linear_cpu_int8, linear.pot_linear_cpu_auto):
+                y = fn(x, packed, scale, offset, bias, ls, g, k)
+                top = exact.abs().max().item()
+                if reduced:
+                    torch.testing.assert_close(y, rounded, rtol=1.6e-2, atol=1.6e-2 * top)
+                    assert not torch.allclose(y, exact, rtol=1e-5, atol=1e-5 * top)  # it did round
+                else:
+                    torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5 * top)
+            y = linear.pot_linear_cpu(x, packed, scale, offset, bias, ls, g, k)
+            torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+            lib.pot_op_set_tile_floats(previous)
+    finally:
+        lib.pot_op_set_tile_floats(previous)
+
+
+def test_auto_model_prefills_in_bfloat16_where_fast(lib, monkeypatch):
+    """A whole model with the default backend on an AMX CPU (forced here): prompt logits within bfloat16 rounding
+    of the fp32 backend's, and not identical to them (the path ran); decoding after the prompt still works."""
+    if not linear._cpu_runs_int8():
+        pytest.skip("the reduced-precision paths need an AVX2 CPU")
+    model = quantize(make_tiny_llama(), PoTConfig(bits=4, group_size=64))
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        exact = set_backend(model, "cpu")(ids).logits
+        monkeypatch.setitem(linear._STATE, "bf16", True)
+        fast = set_backend(model, "auto")(ids).logits
+        out = model.generate(ids[:1, :20], max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(fast, exact, rtol=3e-2, atol=3e-2 * exact.abs().max().item())
+    assert not torch.equal(fast, exact) and out.shape == (1, 24)
+
+
 def test_gemm_min_m_agrees_with_the_library(lib):
     assert lib.pot_cpu_gemm_min_m() == linear.GEMM_MIN_M
 
@@ -213,7 +259,9 @@ def test_int8_nonfinite_activations_give_nan(lib):
     assert torch.isnan(fake_quantize_activations_int8(x)[0, 64:]).all()
 
 
-def test_auto_takes_int8_for_decode_and_exact_fp32_for_prefill(lib):
+def test_auto_takes_int8_for_decode_and_exact_fp32_for_prefill_without_amx(lib, monkeypatch):
+    """(With AMX, prefill is in bfloat16: test_prefill_gemm_in_bfloat16_where_fast.)"""
+    monkeypatch.setitem(linear._STATE, "bf16", False)
     assert ops.resolve("cpu", "auto") is linear.pot_linear_cpu_auto
     ls = from_id("sp2:4:offset")
     check_kernel(linear.pot_linear_cpu_auto, ls, 13, 256, 64, 1, x_transform=fake_quantize_activations_int8)

@@ -2,6 +2,8 @@
 
 import torch
 
+from ..utils.device import fast_bfloat16
+
 ROUNDINGS = ("gptq", "nearest")
 GROUP_SCALES = ("static", "dynamic")
 
@@ -59,15 +61,3 @@ def uses_amp(cfg, device: torch.device, bits: int) -> bool:
     if cfg.amp is not None:
         return cfg.amp
     return bits >= AMP_MIN_BITS and fast_bfloat16(device)
-
-
-def fast_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` runs bfloat16 matmuls faster than float32 (CUDA with bf16; CPUs with AMX tiles)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:  # a private probe of torch's CPU capabilities; absent or failing means "not known fast"
-        return bool(torch.cpu._is_amx_tile_supported())
-    except Exception:
-        return False

@@ -8,6 +8,7 @@ the operator is compiled on the first call, never at import (see ``build.py``).
 from ...library.ops import register_kernel
 from .build import KernelBuildError, load_kernel, load_op
 from .linear import (
+    bf16_path,
     int8_path,
     is_available,
     num_threads,
@@ -23,6 +24,7 @@ register_kernel("cpu", "auto", pot_linear_cpu_auto, is_available)
 
 __all__ = [
     "KernelBuildError",
+    "bf16_path",
     "int8_path",
     "is_available",
     "load_kernel",

@@ -5,7 +5,8 @@ operator ``optimum_pot_cpu::linear`` (``pot_op.cpp``), so eager layers make one 
 Few activation rows (decode, ``M <= GEMM_MIN_M``): one pass over the packed weight, decoding and accumulating in
 registers, so the weight is streamed at 2-4 bits per value. Many rows (prefill): a tile of rows is decoded to fp32
 and multiplied by the BLAS GEMM. ``cpu_int8`` swaps the few-rows path for int8 activations and integer accumulation
-(``pot_i8.cpp``); ``auto`` does the same where this CPU runs it, quietly (its accuracy cost: docs/cpu_kernel.md).
+(``pot_i8.cpp``) and, on CPUs with AMX, runs the many-rows GEMM in bfloat16 (:func:`bf16_path`); ``auto`` does the
+same where this CPU runs it, quietly (their accuracy cost: docs/cpu_kernel.md).
 """
 
 import os
@@ -14,6 +15,7 @@ import warnings
 import torch
 
 from ...library.reference import pot_linear_reference
+from ...utils.device import fast_bfloat16
 from .build import KernelBuildError, load_op
 
 GEMM_MIN_M = 12  # = pot_cpu_gemm_min_m() in pot_cpu.cpp (tests check it): rows up to which the one-pass kernels run
@@ -131,19 +133,31 @@ def _int8_auto() -> bool:
     return _cpu_runs_int8()
 
 
+@torch.compiler.assume_constant_result
+def _bf16_gemm() -> bool:
+    """Whether this CPU's bfloat16 GEMM beats fp32 (AMX): then ``cpu_int8`` and ``auto`` prefill in bfloat16."""
+    if "bf16" not in _STATE:
+        _STATE["bf16"] = fast_bfloat16("cpu")
+    return _STATE["bf16"]
+
+
 def _call(x, packed, scale, offset, bias, level_set, group_size, in_features, int8: bool) -> torch.Tensor:
     # The format stores float16 scales and offsets; other dtypes (direct op callers) keep their precision through
     # the reference rather than being rounded to float16 by the kernel.
     if not _op_ready() or scale.dtype != torch.float16 or (offset is not None and offset.dtype != torch.float16):
         return pot_linear_reference(x, packed, scale, offset, bias, level_set, group_size, in_features)
     shift = -1 if level_set.int8_shift is None else level_set.int8_shift
+    # The reduced-precision backends (int8 decode), and bfloat16 inputs (the reference decodes the weight in x's
+    # dtype), take the bfloat16 prefill GEMM where it is fast.
+    bf16 = (int8 or x.dtype == torch.bfloat16) and _bf16_gemm()
     return torch.ops.optimum_pot_cpu.linear(
-        x, packed, scale, offset, bias, level_set.values, shift, group_size, in_features, int8
+        x, packed, scale, offset, bias, level_set.values, shift, group_size, in_features, int8, bf16
     )
 
 
 def pot_linear_cpu(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
-    """``backend="cpu"``: same contract as :func:`pot_linear_reference`; computes in fp32 and returns ``x.dtype``."""
+    """``backend="cpu"``: same contract as :func:`pot_linear_reference`; computes in fp32 and returns ``x.dtype``
+    (bfloat16 inputs with many rows on an AMX CPU: the GEMM in bfloat16, as the reference decodes it)."""
     return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, False)
 
 
@@ -151,13 +165,15 @@ def pot_linear_cpu_int8(x, packed, scale, offset, bias, level_set, group_size, i
     """``backend="cpu_int8"``: like :func:`pot_linear_cpu`, but where :func:`int8_path` holds the activations are
     rounded to int8 per row and 64 columns and the levels applied as small integers with int32 accumulation.
     Results then equal the reference on ``fake_quantize_activations_int8(x)`` (~0.4 % of a block's max |x| per
-    element). On a CPU without AVX2 it warns once and computes like ``backend="cpu"``."""
+    element). Where :func:`bf16_path` holds (many rows, an AMX CPU), the GEMM multiplies bfloat16 copies of ``x``
+    and of the decoded weight (fp32 accumulation, bfloat16 result). On a CPU without AVX2 it warns once and
+    computes like ``backend="cpu"``."""
     return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, _int8_requested())
 
 
 def pot_linear_cpu_auto(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
-    """``backend="auto"`` on CPU: ``cpu_int8`` where this CPU runs it (decode-sized inputs; its perplexity cost was
-    measured < 1 %, bench/int8_accuracy.py), else ``cpu``; never warns."""
+    """``backend="auto"`` on CPU: ``cpu_int8`` where this CPU runs it (int8 decode and, on AMX CPUs, bfloat16
+    prefill; their perplexity costs were measured < 1 %, bench/int8_accuracy.py), else ``cpu``; never warns."""
     return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, _int8_auto())
 
 
@@ -173,3 +189,9 @@ def int8_path(m: int, group_size: int, level_set) -> bool:
     AVX2 CPU and a level set whose levels are small integers after one power-of-two shift
     (``LevelSet.int8_shift``)."""
     return m <= GEMM_MIN_M and group_size % INT8_BLOCK == 0 and level_set.int8_shift is not None and _cpu_runs_int8()
+
+
+def bf16_path(m: int) -> bool:
+    """Whether ``backend="cpu_int8"`` (and ``"auto"``) multiply an ``[m, K]`` input in bfloat16: prefill-sized
+    inputs (``m > GEMM_MIN_M``) on a CPU with AVX2 (the int8 backends run there) and AMX (bfloat16 GEMM 3-5x fp32)."""
+    return m > GEMM_MIN_M and _cpu_runs_int8() and _bf16_gemm()

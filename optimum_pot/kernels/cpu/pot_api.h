@@ -58,6 +58,9 @@ int pot_cpu_i8_supported(const PotArgs* a);
 // the column order pot_cpu_layout_x writes the activation in (chunk order on the AVX2 path, else natural; columns
 // >= K finite); pot_cpu_layout_x writes x [M, K] to out [M, Kp] in that order, zero beyond K.
 int pot_cpu_decode(const PotArgs* a, int64_t n0, int64_t n1, float* out);
+// The same decode rounded to bfloat16 (nearest, ties to even; bit patterns in out [n1 - n0, Kp]): the prefill
+// GEMM's bfloat16 tile, written in one pass.
+int pot_cpu_decode_bf16(const PotArgs* a, int64_t n0, int64_t n1, uint16_t* out);
 int pot_cpu_layout_x(const PotArgs* a, float* out);
 
 }  // extern "C"

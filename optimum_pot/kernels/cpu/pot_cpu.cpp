@@ -400,6 +400,28 @@ int pot_cpu_linear(const PotArgs* pa) {
   return POT_OK;
 }
 
+int pot_cpu_decode_bf16(const PotArgs* pa, int64_t n0, int64_t n1, uint16_t* out) {
+  if (const int status = pot_cpu_check(pa)) return status;
+  if (n0 < 0 || n1 < n0 || n1 > pa->N) return POT_BAD_RANGE;
+  if (out == nullptr && n1 > n0) return POT_NULL;
+  const PotArgs& a = *pa;
+  const int64_t kp = (a.K + kChunk - 1) / kChunk * kChunk;
+  PotArgs one = a;
+  one.threads = 1;  // each worker decodes its rows alone, through a row buffer that stays in L1/L2
+  pot::parallel_rows(n1 - n0, kp, std::max(a.threads, 1), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(static_cast<size_t>(kp));
+    for (int64_t n = n0 + r0; n < n0 + r1; ++n) {
+      pot_cpu_decode(&one, n, n + 1, row.data());
+      uint16_t* o = out + (n - n0) * kp;
+      for (int64_t k = 0; k < kp; ++k) {  // decoded values are finite: plain round to nearest even
+        const uint32_t u = f2u(row[size_t(k)]);
+        o[k] = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      }
+    }
+  });
+  return POT_OK;
+}
+
 int pot_cpu_layout_x(const PotArgs* a, float* out) {
   if (const int status = pot_cpu_check(a)) return status;
   if (out == nullptr || (a->M > 0 && a->x == nullptr)) return POT_NULL;
