@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=1.0, help="kd: weight of the KL (1 - alpha: next-token loss)")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="kd: weight of the per-block hidden loss")
     p.add_argument("--cal-samples", type=int, default=0, help="calibrated (GPTQ) PTQ row with this many samples")
+    p.add_argument("--freeze-scales", action="store_true", help="QAT rows train the weights only (scales fixed)")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--merge-samples", type=int, default=16, help="merge_and_requantize windows (0: skip the row)")
     p.add_argument("--char-float-steps", type=int, default=2000)
@@ -126,6 +127,10 @@ def qat_row(label, qat_model, cfg, train_windows, args, ref, ppl_ptq, search, ev
     from optimum_pot import PoTQATCallback
 
     model = copy.deepcopy(qat_model)
+    if args.freeze_scales:
+        for name, p in model.named_parameters():
+            if name.endswith(("weight_scale", "weight_offset")):
+                p.requires_grad_(False)
     clock = search + train(model, train_windows, args.steps, args.lr, args.batch_size,
                            [PoTQATCallback(cfg, **distill)])  # fmt: skip
     row("SmolLM2-135M", cfg.bits, label, evaluate(model), ref, ppl_ptq, args.steps, clock)
