@@ -6,6 +6,7 @@ float vs llama.cpp on the Q4_1 GGUF).
     python bench/cpu_kernels.py            # full run (~15 min on 2 cores)
     python bench/cpu_kernels.py --smoke    # CI: small shapes, few tokens (< 3 min)
     python bench/cpu_kernels.py --prefill  # the M = 512 rows of the kernel table only (~3 min)
+    python bench/cpu_kernels.py --e2e-only # SmolLM2 end to end only (~6 min)
 
 Every number is the median of interleaved repetitions (all methods timed in turn, ``--reps`` rounds), so the
 ratios printed side by side share the machine's state. Weights rotate over several copies (> 64 MiB in all per
@@ -248,6 +249,7 @@ def main(argv=None):
     parser.add_argument("--no-e2e", action="store_true", help="kernels only")
     parser.add_argument("--compile", action="store_true", help="also try a static cache + torch.compile decode")
     parser.add_argument("--prefill", action="store_true", help="kernel table at M = 512 only (no dispatch, no e2e)")
+    parser.add_argument("--e2e-only", action="store_true", help="SmolLM2 end to end only (no kernel tables)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -258,6 +260,10 @@ def main(argv=None):
     print(f"kernel operator build/load {time.perf_counter() - t0:.1f} s ({built}); max rel. error vs reference "
           f"{check_correct():.2e}")  # fmt: skip
     print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes share the machine when > ~0.5)")
+    if args.e2e_only:
+        from cpu_e2e import end_to_end  # bench/ is on sys.path when run as a script
+
+        return end_to_end(smoke=args.smoke, threads=args.threads, try_compile=args.compile)
     if args.prefill:
         kernel_table([(4096, 4096), (4096, 11008), (11008, 4096)], [512], args.reps or 5, 1)
         return
