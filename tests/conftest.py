@@ -85,11 +85,14 @@ def lib():
         pytest.skip(f"CPU kernel unavailable: {err}")
 
 
-@pytest.fixture(autouse=True)
-def fp32_prefill(monkeypatch):
-    """Off by default in tests: the bfloat16 prefill GEMM that ``cpu_int8``/``auto`` take on AMX CPUs, so that tests
-    asserting fp32 identities (a packed model equals its dequantized or fake-quantised float model) mean the same
-    on every machine. test_cpu_kernel.py turns it on (both ways) where it tests that path."""
+@pytest.fixture(autouse=True, scope="session")
+def fp32_prefill():
+    """Off in tests (session-wide, so module fixtures see it too): the bfloat16 prefill GEMM that ``cpu_int8``/``auto``
+    take on AMX CPUs, so that tests asserting fp32 identities (a packed model equals its dequantized or fake-quantised
+    float model; a recorded perplexity is reproduced) mean the same on every machine. test_cpu_kernel.py turns it on
+    (``monkeypatch.setitem``) where it tests that path."""
     from optimum_pot.kernels.cpu import linear
 
-    monkeypatch.setitem(linear._STATE, "bf16", False)
+    linear._STATE["bf16"] = False
+    yield
+    linear._STATE.pop("bf16", None)

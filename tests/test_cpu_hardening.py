@@ -6,12 +6,13 @@ import ctypes
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from optimum_pot.format.groups import num_groups
 from optimum_pot.format.level_set import LevelSet
 from optimum_pot.format.packing import pack, packed_row_bytes, unpack
+from optimum_pot.format.registry import from_id
 from optimum_pot.kernels.cpu import ctypes_kernel, linear
 from optimum_pot.library.reference import pot_linear_reference
 from optimum_pot.nn import PoTLinear
@@ -121,7 +122,7 @@ def test_wrong_operator_arguments_raise(lib, case, broken, int8):
 
 
 def _consistent(a, values) -> bool:
-    """What pot_cpu_check accepts (a replica in Python of the C rules)."""
+    """What pot_cpu_check_linear accepts (a replica in Python of the C rules)."""
     big = 1 << 40
     if a.bits not in (2, 3, 4) or a.K < 1 or a.group_size < 1 or a.M < 0 or a.N < 0 or max(a.K, a.group_size) > big:
         return False
@@ -131,6 +132,10 @@ def _consistent(a, values) -> bool:
         return False
     if not -1 <= a.int8_shift <= 15:
         return False
+    if a.N > 0 and (not a.packed or not a.scale):  # an empty tensor's data pointer may be null
+        return False
+    if a.M > 0 and a.N > 0 and (not a.x or not a.y):  # pot_cpu_check_linear: rows to compute need both buffers
+        return False
     scaled = [abs(v) * 2**a.int8_shift for v in values[: 1 << a.bits]]
     return a.int8_shift == -1 or all(q <= 128 and q == int(q) for q in scaled)
 
@@ -138,6 +143,8 @@ def _consistent(a, values) -> bool:
 @FUZZ
 @given(case=layer_case(), field=st.sampled_from(["K", "N", "M", "row_bytes", "G", "group_size", "bits", "int8_shift"]),
        delta=st.sampled_from([-2, -1, 1, 5, 1 << 45]))  # fmt: skip
+@example(case=dict(ls=from_id("int:2"), n=1, k=1, group=1, m=0, dtype=torch.float32, bias=False, strided=False, seed=0),
+         field="M", delta=1)  # an empty input (null data pointer) given a row: refused, found by CI  # fmt: skip
 def test_c_abi_refuses_inconsistent_sizes(lib, case, field, delta):
     """The last guard: the C entry points re-check sizes against each other before reading memory (buffer
     lengths themselves are the operator's to check: the C ABI does not receive them)."""

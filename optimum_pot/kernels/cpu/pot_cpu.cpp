@@ -400,10 +400,15 @@ int pot_cpu_linear(const PotArgs* pa) {
   return POT_OK;
 }
 
+// The checks of both decode entry points: valid arguments, rows [n0, n1) inside [0, N), an output when rows exist.
+static int decode_status(const PotArgs* a, int64_t n0, int64_t n1, const void* out) {
+  if (const int status = pot_cpu_check(a)) return status;
+  if (n0 < 0 || n1 < n0 || n1 > a->N) return POT_BAD_RANGE;
+  return out == nullptr && n1 > n0 ? POT_NULL : POT_OK;
+}
+
 int pot_cpu_decode_bf16(const PotArgs* pa, int64_t n0, int64_t n1, uint16_t* out) {
-  if (const int status = pot_cpu_check(pa)) return status;
-  if (n0 < 0 || n1 < n0 || n1 > pa->N) return POT_BAD_RANGE;
-  if (out == nullptr && n1 > n0) return POT_NULL;
+  if (const int status = decode_status(pa, n0, n1, out)) return status;
   const PotArgs& a = *pa;
   const int64_t kp = (a.K + kChunk - 1) / kChunk * kChunk;
   PotArgs one = a;
@@ -438,9 +443,7 @@ int pot_cpu_layout_x(const PotArgs* a, float* out) {
 }
 
 int pot_cpu_decode(const PotArgs* pa, int64_t n0, int64_t n1, float* out) {
-  if (const int status = pot_cpu_check(pa)) return status;
-  if (n0 < 0 || n1 < n0 || n1 > pa->N) return POT_BAD_RANGE;
-  if (out == nullptr && n1 > n0) return POT_NULL;
+  if (const int status = decode_status(pa, n0, n1, out)) return status;
   const PotArgs& a = *pa;
   const int64_t kp = (a.K + kChunk - 1) / kChunk * kChunk;
   pot::parallel_rows(n1 - n0, kp, std::max(a.threads, 1), [&](int64_t r0, int64_t r1) {
