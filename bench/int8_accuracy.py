@@ -65,7 +65,6 @@ def main(argv=None):
     print(f"## Decode-path perplexity, SmolLM2-135M, first {n_tokens} tokens of wikitext-2 test, one token a forward")
     if args.head:
         return head_rows(float_model, ids, t0)
-
     print(f"float32: {stepwise_perplexity(float_model, ids):.3f}\n")
     print("| level set | group | int8 path | cpu (fp32 activations) | cpu_int8 (int8 activations) | relative change |")
     print("|---|---|---|---|---|---|")

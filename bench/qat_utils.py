@@ -44,14 +44,13 @@ def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int =
         m.backend = "cpu"
     nll, count = 0.0, 0
     try:
-        with torch.no_grad():
-            for i in range(0, len(windows), batch_size):
-                batch = windows[i : i + batch_size]
-                logits = model(batch).logits.float()
-                nll += nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-                ).item()
-                count += batch[:, 1:].numel()
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i : i + batch_size]
+            logits = model(batch).logits.float()
+            nll += nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+            count += batch[:, 1:].numel()
     finally:
         for m, b in zip(pot, backends, strict=True):
             m.backend = b

@@ -107,6 +107,17 @@ def test_prefill_gemm_in_bfloat16_where_fast(lib, monkeypatch, fast):
                     torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5 * top)
             y = linear.pot_linear_cpu(x, packed, scale, offset, bias, ls, g, k)
             torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+            # bfloat16 inputs: every backend, `cpu` too, takes the bfloat16 GEMM where it is fast (the reference
+            # decodes the weight in the input's dtype); elsewhere the fp32 GEMM on the widened input.
+            y = linear.pot_linear_cpu(x.bfloat16(), packed, scale, offset, bias, ls, g, k)
+            widened = pot_linear_reference(x.bfloat16().float(), packed, scale, offset, bias, ls, g, k)
+            assert y.dtype == torch.bfloat16
+            if fast:
+                torch.testing.assert_close(y.float(), rounded, rtol=3e-2, atol=3e-2 * top)
+                assert not torch.equal(y, widened.bfloat16())  # it did not take the fp32 GEMM
+            else:
+                # fp32 accumulation, one rounding to bfloat16 at the end (the order may differ: 1 ulp)
+                torch.testing.assert_close(y.float(), widened, rtol=8e-3, atol=8e-3 * top)
             lib.pot_op_set_tile_floats(previous)
     finally:
         lib.pot_op_set_tile_floats(previous)

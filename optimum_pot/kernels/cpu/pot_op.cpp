@@ -142,9 +142,8 @@ at::Tensor gemm(const PotArgs& a, const at::Tensor& x2, const std::optional<at::
   at::Tensor xk = x2.new_empty({a.M, kp});  // [M, Kp]: the decoded tile's column order, zero beyond K
   check_status(pot_cpu_layout_x(&a, xk.data_ptr<float>()));
   const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(a.N, g_tile_floats.load() / kp));
-  at::Tensor y;
   if (bf16) {
-    y = gemm_bf16(a, xk, kp, tile);
+    at::Tensor y = gemm_bf16(a, xk, kp, tile);
     return bias.has_value() ? y.add_(*bias) : y;
   }
   at::Tensor buf = x2.new_empty({std::min(tile, a.N), kp});
@@ -158,7 +157,7 @@ at::Tensor gemm(const PotArgs& a, const at::Tensor& x2, const std::optional<at::
     check_status(pot_cpu_decode(&a, n0, n1, buf.data_ptr<float>()));
     out.narrow(0, n0, n1 - n0).addmm_(buf.narrow(0, 0, n1 - n0), xk.t(), 0, 1);  // beta 0: out is not read
   }
-  y = out.t().contiguous();  // [M, N]
+  at::Tensor y = out.t().contiguous();  // [M, N]
   if (a.bias != nullptr) {
     float* py = y.data_ptr<float>();
     for (int64_t m = 0; m < a.M; ++m)
