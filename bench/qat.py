@@ -45,7 +45,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 VALID, TEST = (os.path.join(SHARED, "wikitext-2", f) for f in ("valid.txt", "test.txt"))
 SHAKESPEARE = os.path.join(SHARED, "tinyshakespeare", "input.txt")
-METHODS = ("qat", "qat-cal", "kd", "kd-base", "lora")
+METHODS = ("qat", "qat-cal", "kd", "kd-base", "lora", "lora-cal", "ft-cal", "qp-cal")
+CALIBRATED = {"qat-cal", "lora-cal", "ft-cal", "qp-cal"}  # methods that start from (or end with) calibrated PTQ
 
 
 def parse_args(argv=None):
@@ -63,7 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=1.0, help="kd: weight of the KL (1 - alpha: next-token loss)")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="kd: weight of the per-block hidden loss")
     p.add_argument("--cal-samples", type=int, default=0, help="calibrated (GPTQ) PTQ row with this many samples")
+    p.add_argument("--cal-seq-len", type=int, default=512, help="tokens per calibration sample (library default)")
     p.add_argument("--freeze-scales", action="store_true", help="QAT rows train the weights only (scales fixed)")
+    p.add_argument("--scale-lr", type=float, default=None, help="qp-cal: scales' learning rate (default 0.3 lr)")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--merge-samples", type=int, default=16, help="merge_and_requantize windows (0: skip the row)")
     p.add_argument("--char-float-steps", type=int, default=2000)
@@ -80,6 +83,10 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    if args.smoke and set(args.methods) & CALIBRATED:
+        args.cal_samples, args.cal_seq_len = 2, 64
+    if set(args.methods) & CALIBRATED and not args.cal_samples:
+        p.error(f"--methods {sorted(set(args.methods) & CALIBRATED)} need --cal-samples N (the calibrated model)")
     return args
 
 
@@ -95,14 +102,14 @@ def header(title):
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
 
 
-def lora_rows(name, ptq, windows, args, steps, lr, ref, ptq_ppl, evaluate, batch_size, r, merge_data=None):
-    """LoRA on the packed PTQ model: adapters; merged by nearest rounding; merged with error feedback."""
+def lora_rows(name, ptq, windows, args, steps, lr, ref, ptq_ppl, evaluate, batch_size, r, merge_data=None, base="PTQ"):
+    """LoRA on the packed PTQ model (``base`` names it): adapters; merged by nearest rounding; with error feedback."""
     from optimum_pot.peft import merge_and_requantize
 
     bits = ptq.config.quantization_config.bits
     peft_model, clock = lora_train(ptq, windows, steps, lr, batch_size, r)
     ppl_adapters = evaluate(peft_model)
-    row(name, bits, f"PTQ + LoRA r={r} (float adapters)", ppl_adapters, ref, ptq_ppl, steps, clock)
+    row(name, bits, f"{base} + LoRA r={r} (float adapters)", ppl_adapters, ref, ptq_ppl, steps, clock)
     nearest = copy.deepcopy(peft_model)
     with Clock() as clock:
         merged = nearest.merge_and_unload()
@@ -136,6 +143,20 @@ def qat_row(label, qat_model, cfg, train_windows, args, ref, ppl_ptq, search, ev
     row("SmolLM2-135M", cfg.bits, label, evaluate(model), ref, ppl_ptq, args.steps, clock)
 
 
+def qp_row(calibrated, cfg, train_windows, args, ref, ppl_cal, cal_clock, evaluate):
+    """QAT of the quantisation parameters (EfficientQAT's E2E-QP) from the calibrated model, two learning rates."""
+    from optimum_pot import PoTQATCallback, prepare_qat, qat_optimizer
+
+    qcfg = calibrated.config.quantization_config
+    model = prepare_qat(copy.deepcopy(calibrated), qcfg, from_quantized=True, train_weights=False)
+    optimizer = qat_optimizer(model, lr=args.lr, scale_lr=args.scale_lr)
+    clock = cal_clock + train(model, train_windows, args.steps, args.lr, args.batch_size, [PoTQATCallback(qcfg)],
+                              optimizer=optimizer)  # fmt: skip
+    scale_lr = optimizer.param_groups[0]["lr"]
+    label = f"QAT of scales + norms from the calibrated model (scale lr {scale_lr:g}, weights frozen)"
+    row("SmolLM2-135M", cfg.bits, label, evaluate(model), ref, ppl_cal, args.steps, clock)
+
+
 def run_smollm2(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,9 +184,11 @@ def run_smollm2(args):
     ppl_float = evaluate(load())
     row("SmolLM2-135M", "16", "float, untouched", ppl_float, ppl_float)
     reference = load()
-    clock = train(reference, train_windows, args.steps, args.lr, args.batch_size)
+    ref_clock = train(reference, train_windows, args.steps, args.lr, args.batch_size)
     ref = evaluate(reference)
-    row("SmolLM2-135M", "16", f"**float + {args.steps} steps (reference)**", ref, ref, steps=args.steps, clock=clock)
+    row(
+        "SmolLM2-135M", "16", f"**float + {args.steps} steps (reference)**", ref, ref, steps=args.steps, clock=ref_clock
+    )
     for bits in args.bits:
         cfg = PoTConfig(bits=bits, group_size=args.group_size, grid_points=grid)
         with Clock() as search:  # converting the untrained QAT model *is* calibration-free PTQ (tests/test_qat.py)
@@ -175,30 +198,39 @@ def run_smollm2(args):
         row("SmolLM2-135M", bits, f"PTQ calibration-free ({cfg.level_set.id})", ppl_ptq, ref, clock=search)
         if args.cal_samples:
             cal = PoTConfig(bits=bits, group_size=args.group_size, tokenizer=tok, num_samples=args.cal_samples,
-                            seq_len=args.train_seq_len)  # fmt: skip
+                            seq_len=args.cal_seq_len)  # fmt: skip
             with Clock() as cal_clock:
                 calibrated = quantize(load(), cal, dataset=VALID)
             ppl_cal = evaluate(calibrated)
-            row("SmolLM2-135M", bits, f"PTQ calibrated ({args.cal_samples} samples, {cal.rounding})", ppl_cal,
-                ref, ppl_ptq, clock=cal_clock)  # fmt: skip
+            label = f"PTQ calibrated ({args.cal_samples} × {args.cal_seq_len} tokens, {cal.rounding})"
+            row("SmolLM2-135M", bits, label, ppl_cal, ref, ppl_ptq, clock=cal_clock)
         for method in args.methods:
             if method == "qat":
                 qat_row("QAT, next-token loss", qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate)
             elif method == "qat-cal":
-                if not args.cal_samples:
-                    raise SystemExit("--methods qat-cal needs --cal-samples N (the calibrated starting point)")
-                start = prepare_qat(calibrated, calibrated.config.quantization_config, from_quantized=True)
+                cfg_cal = calibrated.config.quantization_config
+                start = prepare_qat(copy.deepcopy(calibrated), cfg_cal, from_quantized=True)
                 qat_row("QAT from the calibrated PTQ model", start, cfg, train_windows, args, ref, ppl_cal, cal_clock,
                         evaluate)  # fmt: skip
+            elif method == "qp-cal":  # the calibrated model's scales, offsets and norms; latent weights frozen
+                qp_row(calibrated, cfg, train_windows, args, ref, ppl_cal, cal_clock, evaluate)
+            elif method == "ft-cal":  # no QAT: the float model trained the same steps, then calibrated PTQ
+                with Clock() as ft_clock:
+                    ft = quantize(copy.deepcopy(reference), cal, dataset=VALID)
+                row("SmolLM2-135M", bits, "float + training steps (the reference), then calibrated PTQ",
+                    evaluate(ft), ref, ppl_cal, args.steps, ref_clock + ft_clock)  # fmt: skip
+                del ft
             elif method in ("kd", "kd-base"):
                 teacher = reference if method == "kd" else load()
                 label = "QAT, distilling the reference" if method == "kd" else "QAT, distilling the untouched float"
                 qat_row(label, qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate, teacher=teacher,
                         distill_alpha=args.alpha, hidden_weight=args.hidden_weight)  # fmt: skip
-            else:
+            else:  # lora: on the calibration-free model; lora-cal: on the calibrated one (the QLoRA recipe)
+                base, base_ppl = (calibrated, ppl_cal) if method == "lora-cal" else (ptq, ppl_ptq)
                 merge_data = (tok, [valid_text]) if args.merge_samples else None
-                lora_rows("SmolLM2-135M", copy.deepcopy(ptq), train_windows, args, args.steps, args.lora_lr, ref,
-                          ppl_ptq, evaluate, args.batch_size, 16, merge_data)  # fmt: skip
+                lora_rows("SmolLM2-135M", copy.deepcopy(base), train_windows, args, args.steps, args.lora_lr, ref,
+                          base_ppl, evaluate, args.batch_size, 16, merge_data,
+                          "calibrated PTQ" if method == "lora-cal" else "PTQ")  # fmt: skip
         del qat_model, ptq
 
 

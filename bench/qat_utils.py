@@ -80,11 +80,12 @@ class Clock:
         return Clock(self.wall + other.wall, self.cpu + other.cpu)
 
 
-def train(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_size: int, callbacks=(), seed=0):
+def train(model, windows, steps: int, lr: float, batch_size: int, callbacks=(), seed=0, optimizer=None):
     """Runs ``steps`` optimizer steps of the ``Trainer`` on ``windows``; returns a :class:`Clock` (set-up included).
 
     Constant learning rate after a short warm-up: short QAT runs lose most of their gain to a decaying schedule.
-    Every run (float reference, QAT, LoRA) uses this same schedule, data order and batch size.
+    Every run (float reference, QAT, LoRA) uses this same schedule, data order and batch size. ``optimizer``: one
+    built outside (``qat_optimizer``'s two learning rates), else the ``Trainer``'s AdamW at ``lr``.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -97,7 +98,8 @@ def train(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_
             logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], use_cpu=True, seed=seed,
             dataloader_num_workers=0, disable_tqdm=True,
         )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=WindowDataset(windows), callbacks=list(callbacks))
+        trainer = Trainer(model=model, args=args, train_dataset=WindowDataset(windows), callbacks=list(callbacks),
+                          optimizers=(optimizer, None))  # fmt: skip
         model.train()
         trainer.train()
     clock.__exit__()

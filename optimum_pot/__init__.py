@@ -11,7 +11,7 @@ from .hf.model_card import record_eval
 from .hf.registration import register
 from .nn import PoTLinear, dequantize_model, set_backend
 from .peft import register_lazily as _register_peft_lazily
-from .qat import convert_qat, prepare_qat
+from .qat import convert_qat, prepare_qat, qat_optimizer
 from .api import int8_lm_head, quantize
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "get_level_set",
     "int8_lm_head",
     "prepare_qat",
+    "qat_optimizer",
     "quantize",
     "record_eval",
     "register_family",

@@ -3,6 +3,7 @@ float model), conversion to packed."""
 
 from .distill import Distiller, check_teacher
 from .fake_quant import PoTFakeQuantLinear, convert_qat, is_qat_prepared, prepare_qat
+from .optim import qat_optimizer, qat_param_groups
 
 __all__ = [
     "Distiller",
@@ -12,6 +13,8 @@ __all__ = [
     "convert_qat",
     "is_qat_prepared",
     "prepare_qat",
+    "qat_optimizer",
+    "qat_param_groups",
 ]
 
 

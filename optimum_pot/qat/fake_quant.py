@@ -160,7 +160,7 @@ def is_qat_prepared(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def prepare_qat(model: nn.Module, config, from_quantized: bool = False) -> nn.Module:
+def prepare_qat(model: nn.Module, config, from_quantized: bool = False, train_weights: bool = True) -> nn.Module:
     """Puts a PoT fake-quantiser on every target layer of a float ``model``, in place (idempotent).
 
     Call it before the optimizer is built (``PoTQATCallback`` does so when the ``Trainer`` is created), so the new
@@ -174,13 +174,28 @@ def prepare_qat(model: nn.Module, config, from_quantized: bool = False) -> nn.Mo
             ``model`` (e.g. a GPTQ-calibrated model) instead of float layers: each latent float weight starts at the
             decoded weight and the scales/offsets at the stored ones, so step 0 *is* that model. Its level sets and
             group size must be ``config``'s.
+        train_weights (`bool`, *optional*, defaults to `True`): `False` freezes the latent weights of the
+            fake-quantised layers, so training moves only the scales/offsets and the layers left float (norms,
+            biases): EfficientQAT's end-to-end training of the quantisation parameters. With
+            ``from_quantized=True`` on a calibrated model and a small scale learning rate (:func:`qat_optimizer`),
+            the best measured QAT recipe (docs/training.md).
 
     Returns:
         The same ``model``.
     """
     packed = pot_layers(model)
     if from_quantized:
-        return _prepare_from_quantized(model, config, packed)
+        _prepare_from_quantized(model, config, packed)
+    else:
+        _prepare_from_float(model, config, packed)
+    if not train_weights:
+        for m in model.modules():
+            if isinstance(m, PoTFakeQuantLinear):
+                m.weight.requires_grad_(False)
+    return model
+
+
+def _prepare_from_float(model: nn.Module, config, packed) -> None:
     if packed:
         raise ValueError(
             "prepare_qat (and PoTQATCallback) needs a float model, but this one already holds packed PoTLinear "
@@ -195,10 +210,9 @@ def prepare_qat(model: nn.Module, config, from_quantized: bool = False) -> nn.Mo
                                 config.refine_steps, config.backend)  # fmt: skip
         model.set_submodule(name, fq)
     model._pot_qat_config = config
-    return model
 
 
-def _prepare_from_quantized(model: nn.Module, config, packed) -> nn.Module:
+def _prepare_from_quantized(model: nn.Module, config, packed) -> None:
     if not packed:
         raise ValueError(
             "prepare_qat(from_quantized=True) needs a model with packed PoTLinear layers; this one has none. "
@@ -216,7 +230,6 @@ def _prepare_from_quantized(model: nn.Module, config, packed) -> nn.Module:
                                 scale=m.weight_scale, offset=m.weight_offset)  # fmt: skip
         model.set_submodule(name, fq)
     model._pot_qat_config = config
-    return model
 
 
 @torch.no_grad()
