@@ -10,7 +10,7 @@ import pytest
 from .conftest import REPO
 
 BENCHES = ["accuracy", "cpu_kernels", "int8_accuracy", "int8_accuracy --head", "int8_accuracy --prefill", "qat",
-           "qat --skip-char --methods qp-cal,lora-cal,ft-cal", "gpu_kernels", "load_memory", "compile_cost",
+           "qat --skip-char --methods qp-cal", "gpu_kernels", "load_memory", "compile_cost",
            "export_decode", "synthetic_llama"]  # fmt: skip
 # Peers of the `bench` extra that a benchmark compares against: `make install` (the tests' set-up) leaves them out.
 PEERS = {"accuracy": ["hqq", "optimum.quanto"], "cpu_kernels": ["optimum.quanto"]}
