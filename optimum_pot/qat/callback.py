@@ -23,6 +23,11 @@ class PoTQATCallback(TrainerCallback):
     plain ``Trainer`` does it). Evaluation keeps the next-token loss. The teacher costs one more forward pass per
     step and its own memory (a float copy of the model).
 
+    The scales share the ``Trainer``'s learning rate unless the optimizer is built with
+    :func:`~optimum_pot.qat_optimizer` (after ``prepare_qat``) and passed as ``Trainer(optimizers=(optimizer, None))``;
+    that, on a calibrated model prepared with ``from_quantized=True, train_weights=False``, is the best measured
+    route at 3 bits and below (docs/training.md).
+
     Args:
         config (`PoTConfig`): bits, level set, group size and excluded modules of the target format.
         convert_at_end (`bool`, *optional*, defaults to `True`): pack the model when training ends. Set `False`

@@ -4,9 +4,9 @@ Why: Adam moves every parameter by about its learning rate per step, whatever th
 the two-term level sets is ~1e-3 (their levels are integers up to 80), so the learning rate that suits the weights
 (1e-4) moves a scale by ~10 % a step. Measured on SmolLM2-135M, 3-bit, QAT from the calibrated model with the latent
 weights frozen, 20 steps at lr 1e-4: scale learning rate 1e-4 → perplexity 25.5, 3e-5 → 21.5, 1e-5 → 22.7
-(docs/training.md). The ``Trainer`` has one
-learning rate, so the two groups are built here and handed to it as ``Trainer(optimizers=(optimizer, None))`` (the
-pattern of peft's ``create_loraplus_optimizer``); the ``Trainer``'s scheduler then scales both groups alike.
+(docs/training.md). The ``Trainer`` has one learning rate and builds its optimizer before any callback could
+regroup it, so the groups are built here and handed to it as ``Trainer(optimizers=(optimizer, None))`` (the pattern
+of peft's ``create_loraplus_optimizer``); the ``Trainer``'s scheduler then scales every group alike.
 """
 
 import math
@@ -15,8 +15,6 @@ import torch
 from torch import nn
 
 from .fake_quant import PoTFakeQuantLinear, is_qat_prepared
-
-QUANT_PARAMS = ("weight_scale", "weight_offset")
 
 
 def _check_lr(name: str, value: float) -> None:
