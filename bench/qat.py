@@ -226,11 +226,11 @@ def run_smollm2(args):
                 qat_row(label, qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate, teacher=teacher,
                         distill_alpha=args.alpha, hidden_weight=args.hidden_weight)  # fmt: skip
             else:  # lora: on the calibration-free model; lora-cal: on the calibrated one (the QLoRA recipe)
-                base, base_ppl = (calibrated, ppl_cal) if method == "lora-cal" else (ptq, ppl_ptq)
+                base, base_ppl, label = ((calibrated, ppl_cal, "calibrated PTQ") if method == "lora-cal"
+                                         else (ptq, ppl_ptq, "PTQ"))  # fmt: skip
                 merge_data = (tok, [valid_text]) if args.merge_samples else None
                 lora_rows("SmolLM2-135M", copy.deepcopy(base), train_windows, args, args.steps, args.lora_lr, ref,
-                          base_ppl, evaluate, args.batch_size, 16, merge_data,
-                          "calibrated PTQ" if method == "lora-cal" else "PTQ")  # fmt: skip
+                          base_ppl, evaluate, args.batch_size, 16, merge_data, label)  # fmt: skip
         del qat_model, ptq
 
 
