@@ -10,7 +10,8 @@ the weights' values, so random weights measure what a real 1B model would.
     python bench/synthetic_llama.py --llama-cpp-src /path/to/llama.cpp    # ~15 min on 2 cores, ~12 GB RAM
     python bench/synthetic_llama.py --smoke                                 # CI: a 2-layer, 256-wide model
 
-Rows: float32 ``generate``; PoT defaults (``generate``, float head); PoT with the int8 head and split threads;
+Rows: float32 ``generate``; PoT defaults (``generate``, float head); PoT with the int8 head (``lm_head="int8"``), on
+torch's threads and with split threads;
 llama.cpp Q4_0 (skipped, with the reason, when llama-cpp-python or the converter is missing or cannot run here).
 """
 
@@ -104,6 +105,7 @@ def main(argv=None):
     print(f"PoT 4-bit quantised at load in {time.perf_counter() - t0:.0f} s")
     rows.append(("PoT 4-bit default (HF generate)", decode_rate(pot, prompt, new, reps, tok.eos_token_id)))
     pot = int8_lm_head(pot)
+    rows.append(("PoT 4-bit + int8 lm_head (HF generate)", decode_rate(pot, prompt, new, reps, tok.eos_token_id)))
     torch.set_num_threads(1)  # decode: tiny torch ops on one thread, the PoT kernels on all (docs/cpu_kernel.md)
     set_num_threads(args.threads)
     rows.append(("PoT 4-bit + int8 lm_head (HF generate, split threads)",

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from optimum_pot.format.activations import fake_quantize_activations_int8
 from optimum_pot.format.packing import pack
 from optimum_pot.format.registry import from_id
 from optimum_pot.kernels.cpu import linear
@@ -43,9 +44,46 @@ def run(args, x, backend=linear.pot_linear_cpu):
     return backend(x, packed, scale, offset, None, LS, 128, x.shape[-1])
 
 
-def test_concurrent_callers_get_their_own_results(lib):
+@pytest.fixture(params=["own pool", "torch threads"])
+def pool(request, lib, monkeypatch):
+    """The kernels' parallel work on their own pool (a set_num_threads override, the ``lib`` fixture's) or on
+    torch's intra-op threads (no override, torch on 2 threads); skips the latter where this build lacks it."""
+    if request.param == "torch threads":
+        lib.pot_op_torch_pool.restype = ctypes.c_int
+        if not lib.pot_op_torch_pool():
+            pytest.skip("this operator build runs its parallel work on its own pool only")
+        monkeypatch.setattr(linear, "_ENV_THREADS", [None])
+        linear.set_num_threads(None)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        torch.set_num_threads(previous)
+        linear.set_num_threads(2)  # the lib fixture restores its own setting afterwards
+    else:
+        yield request.param
+
+
+def test_parallel_work_runs_on_torch_threads_without_an_override(lib, pool):
+    """Without an override no helper of the kernels' own pool takes a task (torch's threads run them), with one
+    they do; decode (fp32 and int8) and prefill results equal the reference either way."""
+    helpers_before = lib.pot_cpu_pool_helper_tasks()
+    args = layer(4096, 1024, 7)
+    for m, backend in ((1, linear.pot_linear_cpu), (1, linear.pot_linear_cpu_int8), (40, linear.pot_linear_cpu)):
+        x = torch.randn(m, 1024)
+        for _ in range(5):
+            ref = pot_linear_reference(x, *args, None, LS, 128, 1024)
+            if backend is linear.pot_linear_cpu_int8:  # the int8 path rounds the activations first
+                ref = pot_linear_reference(fake_quantize_activations_int8(x, 64), *args, None, LS, 128, 1024)
+            torch.testing.assert_close(run(args, x, backend), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    if pool == "torch threads":
+        assert lib.pot_cpu_pool_helper_tasks() == helpers_before
+    else:
+        assert _child_pool_has_helpers(lib, args, torch.randn(1, 1024))  # here: the parent's own pool
+
+
+def test_concurrent_callers_get_their_own_results(lib, pool):
     """Four Python threads call the kernel at once (decode, int8 and prefill rows): each result equals the
-    reference, whichever caller held the pool."""
+    reference, whichever caller held the pool (or with each caller's own team of torch's threads)."""
     cases = []
     for i in range(8):
         args, m = layer(256 + 64 * i, 512, i), (1, 3, 12, 40)[i % 4]
@@ -57,8 +95,8 @@ def test_concurrent_callers_get_their_own_results(lib):
         torch.testing.assert_close(run(args, x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         return i
 
-    with ThreadPoolExecutor(4) as pool:
-        assert sorted(pool.map(work, range(48))) == list(range(48))
+    with ThreadPoolExecutor(4) as executor:
+        assert sorted(executor.map(work, range(48))) == list(range(48))
 
 
 def _wait_all(pids, timeout):

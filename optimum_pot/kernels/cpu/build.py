@@ -84,15 +84,42 @@ def compile_flags(avx2: bool) -> list[str]:
     return flags + (["-mavx2", "-mfma", "-mf16c"] if avx2 else [])
 
 
-def _torch_flags() -> tuple[list[str], list[str], str]:
+@functools.lru_cache(maxsize=8)
+def openmp_flags(cxx: str) -> tuple[str, ...]:
+    """``("-fopenmp",)`` when torch's intra-op threads are OpenMP's and ``cxx`` builds OpenMP code, else ``()``.
+
+    With it the operator runs the kernels' parallel work on torch's own threads (``at::parallel_for``, see
+    ``pot_op.cpp``): the process keeps one OpenMP runtime (``libgomp.so.1`` is already loaded by torch, so the
+    linked name resolves to torch's copy). Without it ``at::parallel_for`` would run serially in our code, so the
+    kernels keep their own pool. Probed once per compiler with a tiny shared library (~0.1 s, at build time only).
+    """
+    import torch
+
+    if not torch._C.has_openmp:
+        return ()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text("#include <omp.h>\nint pot_probe() { return omp_get_max_threads(); }\n")
+        cmd = [cxx, "-fopenmp", "-fPIC", "-shared", str(src), "-o", str(Path(tmp) / "probe.so")]
+        try:
+            ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    return ("-fopenmp",) if ok else ()
+
+
+def _torch_flags(cxx: str) -> tuple[list[str], list[str], str]:
     """(compile flags, link flags, version tag) of the operator: torch's headers, libraries and C++ ABI."""
     import torch
 
     root = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cflags = ["-O2", "-std=c++20", "-fPIC", "-pthread", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}"]
+    omp = list(openmp_flags(cxx))
+    cflags = ["-O2", "-std=c++20", "-fPIC", "-pthread", *omp, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+              f"-I{root / 'include'}"]  # fmt: skip
     lib = root / "lib"
-    return cflags, [f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"], f"torch {torch.__version__} abi{abi}"
+    link = [f"-L{lib}", "-lc10", "-ltorch_cpu", *omp, f"-Wl,-rpath,{lib}"]
+    return cflags, link, f"torch {torch.__version__} abi{abi}"
 
 
 def _plan(target: str, cxx: str, avx2: bool) -> tuple[list[tuple[str, list[str]]], list[str], str, dict]:
@@ -100,7 +127,7 @@ def _plan(target: str, cxx: str, avx2: bool) -> tuple[list[tuple[str, list[str]]
     units = [(src, compile_flags(avx2)) for src in KERNEL_SOURCES]
     link, tag = [], ""
     if target == "op":
-        cflags, link, tag = _torch_flags()
+        cflags, link, tag = _torch_flags(cxx)
         units += [(src, cflags) for src in OP_SOURCES]
     version = compiler_version(cxx)
     h = hashlib.sha256()

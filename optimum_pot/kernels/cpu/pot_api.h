@@ -48,6 +48,12 @@ int pot_cpu_has_avx2();
 int pot_cpu_gemm_min_m();
 int64_t pot_cpu_pool_helper_tasks();  // tasks the pool's helper threads ran so far (in this process)
 
+// A runner of the kernels' parallel work: runs task(ctx, t) for every t in [0, n_tasks) on up to `threads` threads
+// and returns 1, or returns 0 (running nothing) to leave the tasks to the kernels' own pool (pot_pool.h). The
+// torch operator installs one that runs them on torch's intra-op threads (pot_op.cpp); null: always the own pool.
+typedef int (*PotParallelFn)(int64_t n_tasks, int threads, void (*task)(void* ctx, int64_t t), void* ctx);
+void pot_cpu_set_parallel(PotParallelFn fn);
+
 // y[M, N] = x @ W.T (+ bias) in fp32, W decoded on the fly (decode-sized M; any M is correct).
 int pot_cpu_linear(const PotArgs* a);
 // As pot_cpu_linear with x rounded to int8 per row and 64 columns where pot_cpu_i8_supported, else fp32.

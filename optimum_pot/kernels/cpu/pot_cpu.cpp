@@ -377,6 +377,7 @@ const char* pot_cpu_status_message(int status) {
 
 int64_t pot_cpu_args_size() { return int64_t(sizeof(PotArgs)); }
 int64_t pot_cpu_pool_helper_tasks() { return pot::Pool::get().helper_tasks(); }
+void pot_cpu_set_parallel(PotParallelFn fn) { pot::parallel_hook().store(fn, std::memory_order_release); }
 int pot_cpu_has_avx2() { return POT_AVX2; }
 int pot_cpu_gemm_min_m() { return kGemmMinM; }
 

@@ -141,7 +141,7 @@ void row_dot_i8(const PotArgs& a, int64_t n, __m256i mag, __m256i sgn, const int
   __m256 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps();
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const float sw = _cvtsh_ss(srow[c / cpg]);
+    const float sw = _cvtsh_ss(srow[cpg == 1 ? c : c / cpg]);  // no division in the common group of 64
     __m256i va, vb;
     unpack_i8<BITS>(row, a.row_bytes, c, &va, &vb);
     const __m256i ma = _mm256_shuffle_epi8(mag, va), mb = _mm256_shuffle_epi8(mag, vb);
