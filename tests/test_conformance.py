@@ -124,3 +124,23 @@ def test_opcheck(ls, backend):
     torch.library.opcheck(pot_linear, args)
     torch.library.opcheck(pot_linear_infer, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
+
+
+@pytest.mark.parametrize("ls", [ls for ls in ALL_LEVEL_SETS if ls.int8_shift is not None], ids=ids)
+def test_int8_dot_products_agree(ls, lib):
+    """The integer path's two dot products (AVX2 maddubs/madd and AVX512-VNNI vpdpbusd) give bit-identical outputs:
+    both sum the same int8 products exactly. Every row blocking (M 1-5), a partial last chunk, offsets, bias."""
+    if not lib.pot_cpu_i8_vnni(-1):
+        pytest.skip("this CPU (or compiler) has no AVX512-VNNI: only the AVX2 dot product runs here")
+    q = PoTLinear.from_float(gaussian_linear(200, 37), ls, 64, backend="cpu_int8")
+    try:
+        for m in (1, 2, 3, 4, 5):
+            x = torch.randn(m, 200)
+            outs = []
+            for enable in (0, 1):
+                lib.pot_cpu_i8_vnni(enable)
+                with torch.no_grad():
+                    outs.append(q(x))
+            assert torch.equal(outs[0], outs[1])
+    finally:
+        lib.pot_cpu_i8_vnni(1)

@@ -3,8 +3,9 @@
 Two targets share the kernel sources (``pot_cpu.cpp``, ``pot_i8.cpp``, C ABI in ``pot_api.h``):
 
 * ``op``: the kernels plus ``pot_op.cpp``, the torch operator ``optimum_pot_cpu::linear`` (what every backend
-  uses). It includes ``torch/library.h`` and ``ATen/core/Tensor.h`` only, not ``torch/extension.h``; its three
+  uses). It includes ``torch/library.h`` and ``ATen/core/Tensor.h`` only, not ``torch/extension.h``; its
   translation units compile in parallel (~10 s of CPU for the operator, ~10 s for the kernels on this machine).
+  ``pot_i8.cpp`` is compiled twice: the second time with AVX512-VNNI (:func:`vnni_flags`), chosen at run time.
 * ``kernel``: the kernels alone with their C ABI, loaded with ``ctypes`` (no torch headers: a few seconds). Used
   for the portable (non-AVX2) build test, the cache tests and as the "ctypes" baseline of ``bench/cpu_kernels.py``.
 
@@ -31,6 +32,7 @@ from . import cache
 HERE = Path(__file__).parent
 KERNEL_SOURCES = ("pot_cpu.cpp", "pot_i8.cpp")
 OP_SOURCES = ("pot_op.cpp",)
+VNNI_SOURCE = "pot_i8.cpp"  # compiled a second time (see _plan)
 HEADERS = ("pot_api.h", "pot_pool.h", "pot_simd.h")
 _LOCK = threading.Lock()
 _LOADED: dict[tuple, object] = {}  # (target, avx2) -> ctypes handle
@@ -122,9 +124,23 @@ def _torch_flags(cxx: str) -> tuple[list[str], list[str], str]:
     return cflags, link, f"torch {torch.__version__} abi{abi}"
 
 
+@functools.lru_cache(maxsize=8)
+def vnni_flags(cxx: str) -> tuple[str, ...]:
+    """The flags of the integer path's second unit (AVX512-VNNI + VL), or ``()`` when ``cxx`` does not take them."""
+    flags = ("-mavx512vnni", "-mavx512vl")
+    try:
+        cmd = [cxx, *flags, "-fsyntax-only", "-x", "c++", os.devnull]
+        ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return flags if ok else ()
+
+
 def _plan(target: str, cxx: str, avx2: bool) -> tuple[list[tuple[str, list[str]]], list[str], str, dict]:
     """(per-source compile flags, link flags, cache key, build record) of ``target``."""
     units = [(src, compile_flags(avx2)) for src in KERNEL_SOURCES]
+    # pot_i8.cpp once more with VNNI (pot_i8.cpp's header; without AVX2 or the flags it compiles to a stub)
+    units.append((VNNI_SOURCE, [*compile_flags(avx2), *(vnni_flags(cxx) if avx2 else ()), "-DPOT_I8_VNNI_UNIT"]))
     link, tag = [], ""
     if target == "op":
         cflags, link, tag = _torch_flags(cxx)
@@ -144,9 +160,9 @@ def _run_compilers(cxx: str, units, link: list[str], out: Path) -> None:
     """Compiles the units in parallel into a private temporary directory, links, and renames into ``out``."""
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
     try:
-        procs = []
-        for src, flags in units:
-            cmd = [cxx, *flags, "-c", str(HERE / src), "-o", str(tmp / (src + ".o"))]
+        procs, objs = [], [str(tmp / f"{i}_{src}.o") for i, (src, _) in enumerate(units)]  # a source may repeat
+        for (src, flags), obj in zip(units, objs):
+            cmd = [cxx, *flags, "-c", str(HERE / src), "-o", obj]
             procs.append((src, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         failures = []
         for src, proc in procs:
@@ -155,7 +171,6 @@ def _run_compilers(cxx: str, units, link: list[str], out: Path) -> None:
                 failures.append(f"{src}:\n{err[-2000:]}")
         if failures:
             raise KernelBuildError(f"{cxx} failed to compile " + "\n".join(failures))
-        objs = [str(tmp / (src + ".o")) for src, _ in units]
         proc = subprocess.run([cxx, "-shared", "-pthread", *objs, "-o", str(tmp / "lib.so"), *link],
                               capture_output=True, text=True)  # fmt: skip
         if proc.returncode != 0:

@@ -59,6 +59,9 @@ int pot_cpu_linear(const PotArgs* a);
 // As pot_cpu_linear with x rounded to int8 per row and 64 columns where pot_cpu_i8_supported, else fp32.
 int pot_cpu_linear_i8(const PotArgs* a);
 int pot_cpu_i8_supported(const PotArgs* a);
+// enable 0: the integer path's AVX2 dot product only; 1: AVX512-VNNI where built and supported (the default);
+// any other value only asks. Returns whether the integer path uses VNNI now (results are identical either way).
+int pot_cpu_i8_vnni(int enable);
 
 // The prefill path's pieces: rows [n0, n1) of W decoded to out[(n1 - n0), Kp] fp32 (Kp = K rounded up to 64), in
 // the column order pot_cpu_layout_x writes the activation in (chunk order on the AVX2 path, else natural; columns

@@ -20,7 +20,13 @@
 // 3-bit, 24 bytes: each 128-bit half holds 32 codes; a gather, a power-of-two multiply (the shift) and a shift
 // unpack them to bytes: [codes 0-15 | 32-47] and [16-31 | 48-63]. Group sizes that are not multiples of 64, level
 // sets without an int8_shift and CPUs without AVX2 use the fp32 path (pot_cpu.cpp).
+//
+// This file is compiled twice (build.py): once with the AVX2 flags, and once more with POT_I8_VNNI_UNIT defined and,
+// where the compiler takes them, AVX512-VNNI + VL flags. In that unit each chunk's two maddubs + two madd + add
+// become two vpdpbusd (u8 x s8 summed by fours straight into int32: the same exact integers), measured 5-37 %
+// faster on one thread; pot_cpu_linear_i8 (first unit) calls it when the CPU has the instructions.
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -28,6 +34,12 @@
 #include "pot_api.h"
 #include "pot_pool.h"
 #include "pot_simd.h"
+
+#if defined(POT_I8_VNNI_UNIT) && POT_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define POT_I8_VNNI 1
+#else
+#define POT_I8_VNNI 0
+#endif
 
 namespace {
 
@@ -137,7 +149,9 @@ void row_dot_i8(const PotArgs& a, int64_t n, __m256i mag, __m256i sgn, const int
   const int64_t n_chunks = (a.K + kChunk - 1) / kChunk, cpg = a.group_size / kChunk;
   const uint8_t* row = a.packed + n * a.row_bytes;
   const uint16_t* srow = a.scale + n * a.G;
+#if !POT_I8_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
+#endif
   __m256 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps();
   for (int64_t c = 0; c < n_chunks; ++c) {
@@ -150,8 +164,12 @@ void row_dot_i8(const PotArgs& a, int64_t n, __m256i mag, __m256i sgn, const int
       const int8_t* xc = xq + (m * n_chunks + c) * kChunk;
       const __m256i xa = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), sa);
       const __m256i xb = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)), sb);
+#if POT_I8_VNNI
+      const __m256i dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ma, xa), mb, xb);
+#else
       const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ma, xa), ones),
                                            _mm256_madd_epi16(_mm256_maddubs_epi16(mb, xb), ones));
+#endif
       total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sw * xs[m * n_chunks + c]), total[m]);
     }
   }
@@ -196,11 +214,68 @@ void linear_i8(const PotArgs& a, const int8_t* xq, const float* xs, const float*
   }
 }
 
+// The integer path on arguments pot_cpu_i8_supported accepts.
+int run_i8(const PotArgs& pa) {
+  PotArgs a = pa;
+  a.threads = std::max(a.threads, 1);
+  if (a.M == 0 || a.N == 0) return POT_OK;
+  const int64_t n_chunks = (a.K + kChunk - 1) / kChunk;
+  std::vector<int8_t> xq(size_t(a.M * n_chunks * kChunk));
+  std::vector<float> xs(size_t(a.M * n_chunks));
+  std::vector<float> xg(a.offset != nullptr ? size_t(a.M * a.G) : 0, 0.0f);
+  quantize_rows(a, xq.data(), xs.data(), xg.empty() ? nullptr : xg.data());
+  const float* g = xg.empty() ? nullptr : xg.data();
+  if (a.bits == 2) linear_i8<2>(a, xq.data(), xs.data(), g);
+  if (a.bits == 3) linear_i8<3>(a, xq.data(), xs.data(), g);
+  if (a.bits == 4) linear_i8<4>(a, xq.data(), xs.data(), g);
+  return POT_OK;
+}
+
 #endif  // POT_AVX2
 
 }  // namespace
 
+#ifdef POT_I8_VNNI_UNIT
+
 extern "C" {
+// Whether this (second) unit was compiled with AVX512-VNNI; the first unit also asks the CPU before calling it.
+int pot_cpu_i8_vnni_built() { return POT_I8_VNNI; }
+
+int pot_cpu_linear_i8_vnni(const PotArgs* a) {
+#if POT_I8_VNNI
+  return run_i8(*a);
+#else
+  (void)a;
+  return POT_BAD_SHIFT;  // never called: pot_cpu_i8_vnni_built() is 0
+#endif
+}
+}  // extern "C"
+
+#else  // the first unit: the entry points
+
+extern "C" {
+int pot_cpu_i8_vnni_built();
+int pot_cpu_linear_i8_vnni(const PotArgs* a);
+}
+
+namespace {
+std::atomic<int> g_vnni_allowed{1};  // tests turn the VNNI unit off to compare both on one machine
+
+bool vnni_runs() {
+  static const bool available = pot_cpu_i8_vnni_built() && __builtin_cpu_supports("avx512vnni") &&
+                                __builtin_cpu_supports("avx512vl");
+  return available && g_vnni_allowed.load(std::memory_order_relaxed) != 0;
+}
+}  // namespace
+
+extern "C" {
+
+// enable 0: the AVX2 dot product only; 1: AVX512-VNNI where built and supported (the default); other values only
+// ask. Returns whether the integer path now uses VNNI.
+int pot_cpu_i8_vnni(int enable) {
+  if (enable == 0 || enable == 1) g_vnni_allowed.store(enable);
+  return vnni_runs();
+}
 
 // 1 when pot_cpu_linear_i8 runs the integer path for these arguments (else it runs the fp32 path).
 int pot_cpu_i8_supported(const PotArgs* a) {
@@ -210,23 +285,11 @@ int pot_cpu_i8_supported(const PotArgs* a) {
 int pot_cpu_linear_i8(const PotArgs* pa) {
   if (const int status = pot_cpu_check_linear(pa)) return status;
 #if POT_AVX2
-  if (pot_cpu_i8_supported(pa)) {
-    PotArgs a = *pa;
-    a.threads = std::max(a.threads, 1);
-    if (a.M == 0 || a.N == 0) return POT_OK;
-    const int64_t n_chunks = (a.K + kChunk - 1) / kChunk;
-    std::vector<int8_t> xq(size_t(a.M * n_chunks * kChunk));
-    std::vector<float> xs(size_t(a.M * n_chunks));
-    std::vector<float> xg(a.offset != nullptr ? size_t(a.M * a.G) : 0, 0.0f);
-    quantize_rows(a, xq.data(), xs.data(), xg.empty() ? nullptr : xg.data());
-    const float* g = xg.empty() ? nullptr : xg.data();
-    if (a.bits == 2) linear_i8<2>(a, xq.data(), xs.data(), g);
-    if (a.bits == 3) linear_i8<3>(a, xq.data(), xs.data(), g);
-    if (a.bits == 4) linear_i8<4>(a, xq.data(), xs.data(), g);
-    return POT_OK;
-  }
+  if (pot_cpu_i8_supported(pa)) return vnni_runs() ? pot_cpu_linear_i8_vnni(pa) : run_i8(*pa);
 #endif
   return pot_cpu_linear(pa);
 }
 
 }  // extern "C"
+
+#endif  // POT_I8_VNNI_UNIT
