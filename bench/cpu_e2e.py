@@ -192,10 +192,13 @@ def pot_smollm2(float_model, path: str):
 
     from optimum_pot import PoTConfig, quantize
 
-    saved = path.rstrip("/") + "-pot4-g64-absmax"
+    cfg = PoTConfig(bits=4, group_size=64, grid_points=1)
+    # keyed by the format and level set: a copy saved by an older default (format v1's single-term pot:4) is not
+    # today's default model, whose speed the rows claim to measure
+    saved = path.rstrip("/") + f"-v{cfg.format_version}-{cfg.level_set.id.replace(':', '_')}-g64-absmax"
     if not os.path.isfile(os.path.join(saved, "config.json")):
         t0 = time.perf_counter()
-        model = quantize(copy.deepcopy(float_model), PoTConfig(bits=4, group_size=64, grid_points=1))
+        model = quantize(copy.deepcopy(float_model), cfg)
         print(f"quantised SmolLM2 in {time.perf_counter() - t0:.0f} s; saved to {saved}")
         model.save_pretrained(saved + ".tmp")
         os.replace(saved + ".tmp", saved)

@@ -30,8 +30,9 @@ def set_num_threads(n: int | None) -> None:
     """Threads of the PoT CPU kernel (``None``: back to ``$OPTIMUM_POT_NUM_THREADS``, else
     ``torch.get_num_threads()``, the default).
 
-    Decoding a small model is often fastest with torch's own ops on one thread (tiny attention/norm ops pay
-    OpenMP synchronisation) and the PoT kernel on all cores: ``torch.set_num_threads(1); set_num_threads(2)``.
+    Without an override the kernel runs on torch's own intra-op threads (the ones awake during inference). With
+    one it runs on its own pool, which never waits for a descheduled thread: the better choice on a machine shared
+    with other busy processes (docs/cpu_kernel.md, "Which threads").
 
     Raises:
         ValueError: ``n`` is not a positive integer or ``None``.
