@@ -56,7 +56,11 @@ def pool(request, lib, monkeypatch):
         linear.set_num_threads(None)
         previous = torch.get_num_threads()
         torch.set_num_threads(2)
+        # no hand-over to the own pool when this machine is busy (tests that want one force it)
+        lib.pot_op_set_late_ns.argtypes, lib.pot_op_set_late_ns.restype = [ctypes.c_int64], ctypes.c_int64
+        late_ns = lib.pot_op_set_late_ns(1 << 62)
         yield request.param
+        lib.pot_op_set_late_ns(late_ns)
         torch.set_num_threads(previous)
         linear.set_num_threads(2)  # the lib fixture restores its own setting afterwards
     else:
@@ -79,6 +83,23 @@ def test_parallel_work_runs_on_torch_threads_without_an_override(lib, pool):
         assert lib.pot_cpu_pool_helper_tasks() == helpers_before
     else:
         assert _child_pool_has_helpers(lib, args, torch.randn(1, 1024))  # here: the parent's own pool
+
+
+def test_late_torch_threads_hand_over_to_the_own_pool(lib, pool):
+    """Torch's threads arriving late twice in a row (a busy machine; forced here: every wait counts as late) hand
+    the next calls to the own pool; results stay right. With an override torch's threads are not used at all."""
+    lib.pot_op_torch_pool_fallbacks.restype = ctypes.c_int64
+    lib.pot_op_set_late_ns.argtypes, lib.pot_op_set_late_ns.restype = [ctypes.c_int64], ctypes.c_int64
+    args, x = layer(2048, 1024, 3), torch.randn(1, 1024)
+    ref = pot_linear_reference(x, *args, None, LS, 128, 1024)
+    before = lib.pot_op_torch_pool_fallbacks()
+    previous = lib.pot_op_set_late_ns(-1)
+    try:
+        for _ in range(4):  # late, late (hand-over), then two calls on the own pool
+            torch.testing.assert_close(run(args, x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        assert lib.pot_op_torch_pool_fallbacks() - before == (1 if pool == "torch threads" else 0)
+    finally:
+        lib.pot_op_set_late_ns(previous)
 
 
 def test_concurrent_callers_get_their_own_results(lib, pool):

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <vector>
 
@@ -53,13 +54,50 @@ constexpr bool kTorchPool = true;
 constexpr bool kTorchPool = false;
 #endif
 
+// A machine busy with other processes: an OpenMP region ends at a barrier that waits for every team thread, and a
+// descheduled one arrives a scheduler time slice late (measured: a 0.25 ms GEMV took 4-12 ms at the 90th percentile
+// with 2-4 busy processes beside it). So each call measures how long the caller waited beyond its own work; after
+// two late calls in a row the own pool (which never waits for a thread that has not started) takes the next
+// `g_backoff` calls, doubling (up to 65536) each time torch's threads are late again, reset by a call on time.
+std::atomic<int64_t> g_late_ns{500000};  // a wait above this is late (a task is at most ~1/16 of a call's work)
+std::atomic<int> g_late_calls{0}, g_own_calls{0}, g_backoff{1024};
+std::atomic<int64_t> g_fallbacks{0};
+
+bool on_own_pool_for_now() {
+  if (g_own_calls.load(std::memory_order_relaxed) <= 0) return false;
+  g_own_calls.fetch_sub(1, std::memory_order_relaxed);
+  return true;
+}
+
+void note_wait(int64_t wait_ns) {
+  if (wait_ns <= g_late_ns.load(std::memory_order_relaxed)) {
+    g_late_calls.store(0, std::memory_order_relaxed);
+    g_backoff.store(1024, std::memory_order_relaxed);
+    return;
+  }
+  if (g_late_calls.fetch_add(1, std::memory_order_relaxed) + 1 < 2) return;
+  g_late_calls.store(0, std::memory_order_relaxed);
+  const int n = g_backoff.load(std::memory_order_relaxed);
+  g_own_calls.store(n, std::memory_order_relaxed);
+  g_backoff.store(std::min(n * 2, 65536), std::memory_order_relaxed);
+  g_fallbacks.fetch_add(1, std::memory_order_relaxed);
+}
+
 int torch_parallel(int64_t n_tasks, int threads, void (*task)(void*, int64_t), void* ctx) {
-  if (g_threads.load(std::memory_order_relaxed) > 0 || threads <= 1 || n_tasks <= 1 || at::in_parallel_region())
+  if (g_threads.load(std::memory_order_relaxed) > 0 || threads <= 1 || n_tasks <= 1 || at::in_parallel_region() ||
+      on_own_pool_for_now())
     return 0;
+  using clock = std::chrono::steady_clock;
   std::atomic<int64_t> next{0};  // tasks are taken dynamically: a thread that starts late takes fewer
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  int64_t work_ns = 0;           // the calling thread's (chunk 0's) time in tasks
+  const auto t0 = clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t) {
+    const auto s = clock::now();
     for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) task(ctx, t);
+    if (begin == 0) work_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - s).count();
   });
+  const int64_t wall_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
+  note_wait(wall_ns - work_ns);
   return 1;
 }
 
@@ -254,6 +292,15 @@ int pot_op_set_threads(int n) { return g_threads.exchange(std::max(n, 0)); }
 int64_t pot_op_set_tile_floats(int64_t n) { return g_tile_floats.exchange(std::max<int64_t>(n, 64)); }
 // 1 when the kernels' parallel work runs on torch's intra-op threads (without a set_num_threads override).
 int pot_op_torch_pool() { return kInstalled && kTorchPool; }
+// Times torch's threads were late twice in a row and the own pool took over for a while (see note_wait).
+int64_t pot_op_torch_pool_fallbacks() { return g_fallbacks.load(); }
+// The wait (ns) above which a call counts as late; returns the previous value (tests: -1 makes every call late).
+int64_t pot_op_set_late_ns(int64_t ns) {
+  g_own_calls.store(0);
+  g_late_calls.store(0);
+  g_backoff.store(1024);
+  return g_late_ns.exchange(ns);
+}
 }
 
 TORCH_LIBRARY(optimum_pot_cpu, m) {
