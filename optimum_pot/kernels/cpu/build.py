@@ -93,7 +93,8 @@ def openmp_flags(cxx: str) -> tuple[str, ...]:
     With it the operator runs the kernels' parallel work on torch's own threads (``at::parallel_for``, see
     ``pot_op.cpp``): the process keeps one OpenMP runtime (``libgomp.so.1`` is already loaded by torch, so the
     linked name resolves to torch's copy). Without it ``at::parallel_for`` would run serially in our code, so the
-    kernels keep their own pool. Probed once per compiler with a tiny shared library (~0.1 s, at build time only).
+    kernels keep their own pool. Probed with a tiny shared library once per process and compiler, when the
+    kernel library is first loaded (~0.1 s; the flags are part of the cache key).
     """
     import torch
 
@@ -126,7 +127,8 @@ def _torch_flags(cxx: str) -> tuple[list[str], list[str], str]:
 
 @functools.lru_cache(maxsize=8)
 def vnni_flags(cxx: str) -> tuple[str, ...]:
-    """The flags of the integer path's second unit (AVX512-VNNI + VL), or ``()`` when ``cxx`` does not take them."""
+    """The flags of the integer path's second unit (AVX512-VNNI + VL), or ``()`` when ``cxx`` does not take them
+    (a syntax-only probe, ~20 ms once per process and compiler)."""
     flags = ("-mavx512vnni", "-mavx512vl")
     try:
         cmd = [cxx, *flags, "-fsyntax-only", "-x", "c++", os.devnull]
