@@ -74,10 +74,9 @@ def test_parallel_work_runs_on_torch_threads_without_an_override(lib, pool):
     args = layer(4096, 1024, 7)
     for m, backend in ((1, linear.pot_linear_cpu), (1, linear.pot_linear_cpu_int8), (40, linear.pot_linear_cpu)):
         x = torch.randn(m, 1024)
+        xr = fake_quantize_activations_int8(x, 64) if backend is linear.pot_linear_cpu_int8 else x  # int8 rounds x
+        ref = pot_linear_reference(xr, *args, None, LS, 128, 1024)
         for _ in range(5):
-            ref = pot_linear_reference(x, *args, None, LS, 128, 1024)
-            if backend is linear.pot_linear_cpu_int8:  # the int8 path rounds the activations first
-                ref = pot_linear_reference(fake_quantize_activations_int8(x, 64), *args, None, LS, 128, 1024)
             torch.testing.assert_close(run(args, x, backend), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     if pool == "torch threads":
         assert lib.pot_cpu_pool_helper_tasks() == helpers_before

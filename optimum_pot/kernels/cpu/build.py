@@ -103,12 +103,16 @@ def openmp_flags(cxx: str) -> tuple[str, ...]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "probe.cpp"
         src.write_text("#include <omp.h>\nint pot_probe() { return omp_get_max_threads(); }\n")
-        cmd = [cxx, "-fopenmp", "-fPIC", "-shared", str(src), "-o", str(Path(tmp) / "probe.so")]
-        try:
-            ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            ok = False
+        ok = _succeeds([cxx, "-fopenmp", "-fPIC", "-shared", str(src), "-o", str(Path(tmp) / "probe.so")])
     return ("-fopenmp",) if ok else ()
+
+
+def _succeeds(cmd: list[str]) -> bool:
+    """Whether a compiler probe runs and exits 0 (any failure to run it counts as no)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _torch_flags(cxx: str) -> tuple[list[str], list[str], str]:
@@ -130,12 +134,7 @@ def vnni_flags(cxx: str) -> tuple[str, ...]:
     """The flags of the integer path's second unit (AVX512-VNNI + VL), or ``()`` when ``cxx`` does not take them
     (a syntax-only probe, ~20 ms once per process and compiler)."""
     flags = ("-mavx512vnni", "-mavx512vl")
-    try:
-        cmd = [cxx, *flags, "-fsyntax-only", "-x", "c++", os.devnull]
-        ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        ok = False
-    return flags if ok else ()
+    return flags if _succeeds([cxx, *flags, "-fsyntax-only", "-x", "c++", os.devnull]) else ()
 
 
 def _plan(target: str, cxx: str, avx2: bool) -> tuple[list[tuple[str, list[str]]], list[str], str, dict]:

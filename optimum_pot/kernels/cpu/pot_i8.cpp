@@ -237,11 +237,12 @@ int run_i8(const PotArgs& pa) {
 
 #ifdef POT_I8_VNNI_UNIT
 
+// Both are internal to the library (hidden): the first unit checks the arguments before calling the second.
 extern "C" {
 // Whether this (second) unit was compiled with AVX512-VNNI; the first unit also asks the CPU before calling it.
-int pot_cpu_i8_vnni_built() { return POT_I8_VNNI; }
+__attribute__((visibility("hidden"))) int pot_cpu_i8_vnni_built() { return POT_I8_VNNI; }
 
-int pot_cpu_linear_i8_vnni(const PotArgs* a) {
+__attribute__((visibility("hidden"))) int pot_cpu_linear_i8_vnni(const PotArgs* a) {
 #if POT_I8_VNNI
   return run_i8(*a);
 #else
@@ -254,8 +255,8 @@ int pot_cpu_linear_i8_vnni(const PotArgs* a) {
 #else  // the first unit: the entry points
 
 extern "C" {
-int pot_cpu_i8_vnni_built();
-int pot_cpu_linear_i8_vnni(const PotArgs* a);
+__attribute__((visibility("hidden"))) int pot_cpu_i8_vnni_built();
+__attribute__((visibility("hidden"))) int pot_cpu_linear_i8_vnni(const PotArgs* a);
 }
 
 namespace {
