@@ -53,6 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--levels", action="store_true", help="PoT zero_level True vs False instead of the main table")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     p.add_argument("--budgets", type=float, nargs="*", default=[3.5], help="average-bit budgets (sp2 calibrated)")
+    p.add_argument(
+        "--budget-samples",
+        type=int,
+        default=None,
+        help="calibration samples for the budget rows only (default: --samples)",
+    )
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--windows", type=int, default=8, help="perplexity windows of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=512)
@@ -131,6 +137,8 @@ def row_pot(path, tok, bits, args, levels, calibrated: bool, zero_level=None, bu
         kw["grid_points"] = args.grid_points
     if calibrated:
         kw.update(dataset=VALID, tokenizer=tok, bit_budget=budget, **calibration_fields(args))
+        if budget is not None and args.budget_samples is not None:
+            kw["num_samples"] = args.budget_samples
     gc.collect()
     t0 = time.perf_counter()
     with PeakRSS() as mem:
@@ -186,6 +194,8 @@ def main_table(path, tok, args):
         r = row_pot(path, tok, 4, args, "sp2", True, budget=budget)
         spent = r.get("allocation", {})
         name = f"sp2 calibrated, budget {budget:g} bits ({spent.get('code_bits', math.nan):.2f} code bits spent)"
+        if args.budget_samples is not None:
+            name += f", {args.budget_samples} samples"
         lines.append(pot_line(f"≤{budget:g}", 4, name, r, base))
         print(lines[-1], flush=True)
     return lines, notes

@@ -208,7 +208,7 @@ def pot_smollm2(float_model, path: str):
 def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_pot import PoTConfig, int8_lm_head, quantize, set_backend
+    from optimum_pot import PoTConfig, fuse_projections, int8_lm_head, quantize, set_backend
     from optimum_pot.kernels.cpu import set_num_threads
     from optimum_pot.utils.models import smollm2_checkpoint
 
@@ -235,6 +235,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
     cfg3 = PoTConfig(bits=3, group_size=64, grid_points=1, modules_to_not_convert=[], backend="cpu_int8")
     pot3_i8 = quantize(copy.deepcopy(float_model), cfg3)  # 3 bits: where calibrated PoT wins on accuracy
     pot_i8head = int8_lm_head(copy.deepcopy(pot_model))  # = PoTConfig(lm_head="int8"): float-quality head, 1 B/weight
+    pot_fused = copy.deepcopy(pot_i8head)
+    fuse_projections(pot_fused)  # q/k/v and gate/up as one packed matmul each (serving only, same results)
     rows = {}  # name -> (decode tok/s, prefill s, threads)
     both, split = f"torch {threads}", f"torch 1, PoT kernel {threads}"
 
@@ -247,6 +249,7 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
         ("PoT 4-bit g64, auto = int8 decode (HF generate, defaults)", pot_model, both),
         ("PoT 4-bit g64, auto + int8 lm_head (HF generate)", pot_i8head, both),
         ("PoT 4-bit g64, auto + int8 lm_head (HF generate, split threads)", pot_i8head, split),
+        ("PoT 4-bit g64, auto + int8 lm_head + fused projections (HF generate, split threads)", pot_fused, split),
         ("PoT 4-bit g64 + lm_head, cpu (HF generate)", pot_head, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate)", pot_head_i8, both),
         ("PoT 4-bit g64 + lm_head, cpu_int8 (HF generate, split threads)", pot_head_i8, split),
@@ -257,7 +260,8 @@ def end_to_end(smoke: bool, threads: int, try_compile: bool) -> None:
         rate = decode_rate(model, prompt, new, reps, tok.eos_token_id)
         rows[name] = (rate, prefill_time(model, prefill_ids, reps), mode)
     static = [("float32", float_model, both), ("PoT 4-bit g64 + lm_head, cpu_int8", pot_head_i8, split),
-              ("PoT 4-bit g64, auto + int8 lm_head", pot_i8head, split)]  # fmt: skip
+              ("PoT 4-bit g64, auto + int8 lm_head", pot_i8head, split),
+              ("PoT 4-bit g64, auto + int8 lm_head + fused projections", pot_fused, split)]  # fmt: skip
     for name, model, mode in static:
         use(mode)
         rows[f"{name} (static cache, eager loop)"] = (static_decode_rate(model, prompt, new, reps, False), nan, mode)

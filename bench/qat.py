@@ -7,8 +7,11 @@
    ``qat`` (next-token loss), ``qat-cal`` (the same, starting from the calibrated PTQ model of ``--cal-samples``:
    ``prepare_qat(model, cfg, from_quantized=True)``), ``kd`` (distilling the reference, i.e. the float model
    fine-tuned on the same text),
-   ``kd-base`` (distilling the untouched float model), ``lora`` (adapters on the packed PTQ model; merged with
-   plain nearest rounding; merged with ``merge_and_requantize``, error feedback on ``--merge-samples`` windows).
+   ``kd-base`` (distilling the untouched float model), ``ft-cal`` (no QAT: the reference, then calibrated PTQ),
+   ``ft-kd`` (``ft-cal``, then ``--steps`` steps of QAT of its scales and norms distilling the reference: no new
+   data is fitted, the packed model learns to imitate its own float model), ``lora`` (adapters on the packed PTQ
+   model; merged with plain nearest rounding; merged with ``merge_and_requantize``, error feedback on
+   ``--merge-samples`` windows).
 2. A small char-level GPT-2 (4 layers x 128) on ``../shared/data/tinyshakespeare/input.txt``: float training here,
    then PTQ vs QAT vs LoRA, against the float model trained the same extra steps.
 
@@ -45,8 +48,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 VALID, TEST = (os.path.join(SHARED, "wikitext-2", f) for f in ("valid.txt", "test.txt"))
 SHAKESPEARE = os.path.join(SHARED, "tinyshakespeare", "input.txt")
-METHODS = ("qat", "qat-cal", "kd", "kd-base", "lora", "lora-cal", "ft-cal", "qp-cal")
-CALIBRATED = {"qat-cal", "lora-cal", "ft-cal", "qp-cal"}  # methods that start from (or end with) calibrated PTQ
+METHODS = ("qat", "qat-cal", "kd", "kd-base", "lora", "lora-cal", "ft-cal", "ft-kd", "qp-cal")
+# methods that start from (or end with) calibrated PTQ
+CALIBRATED = {"qat-cal", "lora-cal", "ft-cal", "ft-kd", "qp-cal"}
 
 
 def parse_args(argv=None):
@@ -143,18 +147,21 @@ def qat_row(label, qat_model, cfg, train_windows, args, ref, ppl_ptq, search, ev
     row("SmolLM2-135M", cfg.bits, label, evaluate(model), ref, ppl_ptq, args.steps, clock)
 
 
-def qp_row(calibrated, cfg, train_windows, args, ref, ppl_cal, cal_clock, evaluate):
-    """QAT of the quantisation parameters (EfficientQAT's E2E-QP) from the calibrated model, two learning rates."""
+def qp_row(calibrated, cfg, train_windows, args, ref, ppl_cal, cal_clock, evaluate, start="the calibrated model",
+           steps=None, **distill):  # fmt: skip
+    """QAT of the quantisation parameters (EfficientQAT's E2E-QP) from a calibrated model, two learning rates;
+    ``distill``: ``PoTQATCallback``'s teacher arguments."""
     from optimum_pot import PoTQATCallback, prepare_qat, qat_optimizer
 
     qcfg = calibrated.config.quantization_config
     model = prepare_qat(copy.deepcopy(calibrated), qcfg, from_quantized=True, train_weights=False)
     optimizer = qat_optimizer(model, lr=args.lr, scale_lr=args.scale_lr)
-    clock = cal_clock + train(model, train_windows, args.steps, args.lr, args.batch_size, [PoTQATCallback(qcfg)],
-                              optimizer=optimizer)  # fmt: skip
+    clock = cal_clock + train(model, train_windows, args.steps, args.lr, args.batch_size,
+                              [PoTQATCallback(qcfg, **distill)], optimizer=optimizer)  # fmt: skip
     scale_lr = optimizer.param_groups[0]["lr"]
-    label = f"QAT of scales + norms from the calibrated model (scale lr {scale_lr:g}, weights frozen)"
-    row("SmolLM2-135M", cfg.bits, label, evaluate(model), ref, ppl_cal, args.steps, clock)
+    how = "distilling the reference" if distill else "next-token loss"
+    label = f"QAT of scales + norms from {start} ({how}, scale lr {scale_lr:g}, weights frozen)"
+    row("SmolLM2-135M", cfg.bits, label, evaluate(model), ref, ppl_cal, steps or args.steps, clock)
 
 
 def run_smollm2(args):
@@ -204,6 +211,7 @@ def run_smollm2(args):
             ppl_cal = evaluate(calibrated)
             label = f"PTQ calibrated ({args.cal_samples} × {args.cal_seq_len} tokens, {cal.rounding})"
             row("SmolLM2-135M", bits, label, ppl_cal, ref, ppl_ptq, clock=cal_clock)
+        ft = None  # the reference calibrated (ft-cal, ft-kd)
         for method in args.methods:
             if method == "qat":
                 qat_row("QAT, next-token loss", qat_model, cfg, train_windows, args, ref, ppl_ptq, search, evaluate)
@@ -214,12 +222,18 @@ def run_smollm2(args):
                         evaluate)  # fmt: skip
             elif method == "qp-cal":  # the calibrated model's scales, offsets and norms; latent weights frozen
                 qp_row(calibrated, cfg, train_windows, args, ref, ppl_cal, cal_clock, evaluate)
-            elif method == "ft-cal":  # no QAT: the float model trained the same steps, then calibrated PTQ
-                with Clock() as ft_clock:
-                    ft = quantize(copy.deepcopy(reference), cal, dataset=VALID)
-                row("SmolLM2-135M", bits, "float + training steps (the reference), then calibrated PTQ",
-                    evaluate(ft), ref, ppl_cal, args.steps, ref_clock + ft_clock)  # fmt: skip
-                del ft
+            elif method in ("ft-cal", "ft-kd"):  # the float model trained the same steps, then calibrated PTQ
+                if ft is None:
+                    with Clock() as ft_clock:
+                        ft = quantize(copy.deepcopy(reference), cal, dataset=VALID)
+                    ppl_ft = evaluate(ft)
+                if method == "ft-cal":
+                    row("SmolLM2-135M", bits, "float + training steps (the reference), then calibrated PTQ",
+                        ppl_ft, ref, ppl_cal, args.steps, ref_clock + ft_clock)  # fmt: skip
+                else:  # then the packed model's scales learn to imitate the reference: no new data fitted
+                    qp_row(ft, cfg, train_windows, args, ref, ppl_ft, ref_clock + ft_clock, evaluate,
+                           "the fine-tuned-then-calibrated model", f"{args.steps} + {args.steps}", teacher=reference,
+                           distill_alpha=1.0)  # fmt: skip
             elif method in ("kd", "kd-base"):
                 teacher = reference if method == "kd" else load()
                 label = "QAT, distilling the reference" if method == "kd" else "QAT, distilling the untouched float"
@@ -231,7 +245,7 @@ def run_smollm2(args):
                 merge_data = (tok, [valid_text]) if args.merge_samples else None
                 lora_rows("SmolLM2-135M", copy.deepcopy(base), train_windows, args, args.steps, args.lora_lr, ref,
                           base_ppl, evaluate, args.batch_size, 16, merge_data, label)  # fmt: skip
-        del qat_model, ptq
+        del qat_model, ptq, ft
 
 
 def run_char(args):

@@ -9,7 +9,7 @@ from .format.level_set import LevelSet
 from .format.registry import Family, families, get_level_set, register_family
 from .hf.model_card import record_eval
 from .hf.registration import register
-from .nn import PoTLinear, dequantize_model, set_backend
+from .nn import PoTLinear, dequantize_model, fuse_projections, set_backend, unfuse_projections
 from .peft import register_lazily as _register_peft_lazily
 from .qat import convert_qat, prepare_qat, qat_optimizer
 from .api import int8_lm_head, quantize
@@ -30,6 +30,7 @@ __all__ = [
     "convert_qat",
     "dequantize_model",
     "families",
+    "fuse_projections",
     "get_level_set",
     "int8_lm_head",
     "prepare_qat",
@@ -38,6 +39,7 @@ __all__ = [
     "record_eval",
     "register_family",
     "set_backend",
+    "unfuse_projections",
     "__version__",
 ]
 

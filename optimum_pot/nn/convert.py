@@ -9,6 +9,7 @@ import re
 import torch
 from torch import nn
 
+from .fuse import unfuse_projections
 from .int8_head import Int8HeadLinear
 from .pot_linear import PoTLinear
 
@@ -92,6 +93,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         dtype = None if dtype == "auto" else getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dequantize: unknown dtype {dtype!r}; pass a torch.dtype such as torch.float32.")
+    unfuse_projections(model)  # the stacked serving tensors would outlive the layers they stack
     for name, m in pot_layers(model):
         dt = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
         model.set_submodule(name, float_layer(m, dt))

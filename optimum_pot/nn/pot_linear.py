@@ -36,6 +36,10 @@ class PoTLinear(nn.Module):
             original shape (quantise-on-load fills it with packed codes).
     """
 
+    #: ``(FusedProjections, index)`` while the layer is part of a fused group (see ``nn/fuse.py``); a tuple, so
+    #: ``nn.Module`` does not register the group as a submodule of each member.
+    _fused = None
+
     def __init__(
         self,
         in_features: int,
@@ -129,22 +133,16 @@ class PoTLinear(nn.Module):
                                  self.group_size, self.in_features, dtype)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (x, self.weight, self.weight_scale, self.weight_offset, self.bias)
         if self._needs_grad(x):
+            args = (x, self.weight, self.weight_scale, self.weight_offset, self.bias)
             return pot_linear(*args, self.level_set.id, self.group_size, self.in_features, self.backend)
-        if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
-            # Graphs and fake/meta tensors need an op. A kernel that is itself one C++ torch op (the CPU kernels) is
-            # traced directly, so graphs and AOTInductor packages hold that op, not a Python-implemented one;
-            # otherwise the op without autograd, which dispatches ~4x faster than the one with it.
-            kernel = resolve(x.device.type, self.backend) if x.device.type in ("cpu", "cuda") else None
-            if getattr(kernel, "traceable", False):
-                return kernel(*args, self.level_set, self.group_size, self.in_features)
-            return pot_linear_infer(*args, self.level_set.id, self.group_size, self.in_features, self.backend)
-        # Eager inference: call the kernel directly. Even the lean op costs ~8 us a call, a sizeable part of a
-        # small layer's GEMV at decode (docs/cpu_kernel.md). The packed tensors were checked when they were set.
-        check_activation(x, self.in_features, self.out_features, self.weight.device)
-        kernel = resolve(x.device.type, self.backend)
-        return kernel(*args, self.level_set, self.group_size, self.in_features)
+        fused = self._fused
+        if fused is not None:
+            y = fused[0].run(x, fused[1])
+            if y is not None:
+                return y
+        return infer_linear(x, self.weight, self.weight_scale, self.weight_offset, self.bias, self.level_set,
+                            self.group_size, self.in_features, self.out_features, self.backend)  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .bfloat16() cast every floating parameter; scales and offsets are part of the format
@@ -169,3 +167,31 @@ class PoTLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"levels={self.level_set.id}, group_size={self.group_size}, backend={self.backend}"
         )
+
+
+def infer_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    level_set: LevelSet,
+    group_size: int,
+    in_features: int,
+    out_features: int,
+    backend: str,
+) -> torch.Tensor:
+    """The packed matmul without autograd (inference): ``x [..., K] -> [..., N]`` with ``N = out_features``."""
+    args = (x, weight, scale, offset, bias)
+    if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+        # Graphs and fake/meta tensors need an op. A kernel that is itself one C++ torch op (the CPU kernels) is
+        # traced directly, so graphs and AOTInductor packages hold that op, not a Python-implemented one;
+        # otherwise the op without autograd, which dispatches ~4x faster than the one with it.
+        kernel = resolve(x.device.type, backend) if x.device.type in ("cpu", "cuda") else None
+        if getattr(kernel, "traceable", False):
+            return kernel(*args, level_set, group_size, in_features)
+        return pot_linear_infer(*args, level_set.id, group_size, in_features, backend)
+    # Eager inference: call the kernel directly. Even the lean op costs ~8 us a call, a sizeable part of a
+    # small layer's GEMV at decode (docs/cpu_kernel.md). The packed tensors were checked when they were set.
+    check_activation(x, in_features, out_features, weight.device)
+    return resolve(x.device.type, backend)(*args, level_set, group_size, in_features)
