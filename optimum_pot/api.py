@@ -68,7 +68,7 @@ def quantize(model: nn.Module, config, dataset=None) -> nn.Module:
             from .calibration import calibrate
 
             calibrate(model, config, data)
-    apply_lm_head(model, config)  # last, as in from_pretrained: a serving copy of the final float head
+    apply_serving(model, config)  # last, as in from_pretrained: serving copies of the final model
     return model
 
 
@@ -104,6 +104,15 @@ def int8_lm_head(model: nn.Module, name: str | None = None) -> nn.Module:
         raise ValueError(f"int8 lm_head: the model has no module {name!r}; pass the output layer's name.") from e
     use_int8_head(model, name)
     return model
+
+
+def apply_serving(model: nn.Module, config) -> None:
+    """The config's serving options on a loaded (and calibrated) model: the int8 head, fused projections."""
+    apply_lm_head(model, config)
+    if getattr(config, "fuse_projections", False):  # configs of older checkpoints have no such field
+        from .nn.fuse import fuse_projections
+
+        fuse_projections(model)
 
 
 def apply_lm_head(model: nn.Module, config) -> None:

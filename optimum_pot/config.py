@@ -88,6 +88,9 @@ class PoTConfig(QuantizationConfigMixin):
         lm_head (`str`, *optional*, defaults to `"float"`): with ``"int8"`` a float (not converted) output head
             gets an int8 per-row serving copy for CPU decoding (`optimum_pot.int8_lm_head`); the checkpoint still
             stores the float head. Ignored when the head is packed (``modules_to_not_convert=[]``).
+        fuse_projections (`bool`, *optional*, defaults to `False`): after loading, run sibling layers that read
+            the same input (``q/k/v_proj``, ``gate/up_proj``) as one packed matmul each
+            (`optimum_pot.fuse_projections`): a serving option, bit-identical decode results, same checkpoint.
         format_version (`int`, *optional*): on-disk format version; set when saving, checked when loading.
     """
 
@@ -122,6 +125,7 @@ class PoTConfig(QuantizationConfigMixin):
         amp: bool | None = None,
         bit_budget: float | None = None,
         lm_head: str = "float",
+        fuse_projections: bool = False,
         format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
@@ -156,6 +160,7 @@ class PoTConfig(QuantizationConfigMixin):
         self.amp = amp
         self.bit_budget = bit_budget
         self.lm_head = lm_head
+        self.fuse_projections = fuse_projections
         self.format_version = format_version
         for key, value in kwargs.items():  # forward-compatible extra fields (e.g. perplexity notes)
             setattr(self, key, value)
@@ -207,8 +212,9 @@ class PoTConfig(QuantizationConfigMixin):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 if low is None else v >= low):
                 raise ValueError(f"{name} must be a number {'> 0' if low is None else '>= 0'}, got {v!r}.")
-        if not isinstance(self.act_weighted_init, bool):
-            raise ValueError(f"act_weighted_init must be True or False, got {self.act_weighted_init!r}.")
+        for name in ("act_weighted_init", "fuse_projections"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"lm_head must be one of {list(LM_HEADS)} (docs/cpu_kernel.md), got {self.lm_head!r}.")
         from .calibration.options import check_calibration_fields

@@ -87,9 +87,9 @@ class PoTHfQuantizer(HfQuantizer):
             from ..calibration import calibrate
 
             calibrate(model, cfg, cfg.dataset)
-        from ..api import apply_lm_head
+        from ..api import apply_serving
 
-        apply_lm_head(model, cfg)
+        apply_serving(model, cfg)
         attach_model_hooks(model)  # model card on save/push, logical num_parameters
         return model
 

@@ -6,8 +6,9 @@ fixed cost (dispatch, threading, reading the activation). A Llama block calls ``
 stacked rows, they save ~40 us per SmolLM2 block (docs/cpu_kernel.md). The model code stays untouched: the first
 member called computes the whole group's output and caches it by the identity (and version) of its input; the
 other members return their slice of it. A member called with any other input, a training call (autograd) or a
-group whose members diverged (a member re-quantised, a backend switched) just runs its own matmul, so fusing never
-changes a result (the rows of a matmul are independent; tests check bit-equality).
+group whose members diverged (a member re-quantised, a backend switched) just runs its own matmul. The rows of a
+matmul are independent, so decode results are bit-identical (tested); prefill goes through the BLAS GEMM, which may
+round a wider matrix's edge columns differently (one ulp at most in the tests).
 
 Memory: the stacked tensors are the storage; each member's parameters become row-views of them, so nothing is
 duplicated, and ``state_dict`` hands out independent copies (same keys and values as before fusing) so checkpoints
@@ -85,13 +86,15 @@ class FusedProjections(nn.Module):
     def run(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
         """Member ``index``'s output for input ``x`` (``[..., K] -> [..., N_index]``), or ``None`` when the member
         must run alone (settings diverged)."""
-        if not self._same_settings():
-            return None
         compiling = torch.compiler.is_compiling()
-        if not compiling and not self._current():
-            self.stack()  # a member was re-quantised, moved or cast: stack again (cheap, and rare)
         version = None if compiling else x._version  # an in-place edit of the input invalidates the cache
-        if self._key is None or self._key[0] is not x or self._key[1] != version or index in self._served:
+        key = self._key
+        if key is None or key[0] is not x or key[1] != version or index in self._served:
+            # A new input: check the group (cheap, once per input) and compute every member's rows at once.
+            if not self._same_settings():
+                return None
+            if not compiling and not self._current():
+                self.stack()  # a member was re-quantised, moved or cast: stack again (rare)
             first = self._members[0]
             self._y = infer_linear(x, self.weight, self.weight_scale, self.weight_offset, self.bias,
                                    first.level_set, first.group_size, first.in_features, self.out_features,
