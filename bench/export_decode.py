@@ -86,6 +86,24 @@ def eager_tokens(wrapper, prompt: list[int], new: int) -> list[int]:
     return out
 
 
+def package_rate(model, library: str, prompt: list[int], new: int, threads: int, path: str) -> dict:
+    """Exports and compiles ``model``'s decode step to ``path``, runs it in a torch-only process (``library``: the
+    PoT operator library, or "" for none) and compares its tokens with the eager module's. Returns ``export_s``,
+    ``compile_s`` and either ``rate``/``tokens``/``same`` or ``error`` (the runner's last stderr line)."""
+    pkg, t_export, t_compile, wrapper = export_package(model, len(prompt) + new, path)
+    out = {"export_s": t_export, "compile_s": t_compile}
+    io = json.dumps({"prompt": prompt, "new": new})
+    proc = subprocess.run([sys.executable, "-c", RUNNER, library, pkg, io, str(threads)], capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+    if proc.returncode != 0:
+        return {**out, "error": (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:200]}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    eager = eager_tokens(wrapper, prompt, new)
+    if res["tokens"] != eager:  # reported, not fatal: inductor reorders float sums, a near-tied argmax can flip
+        print(f"  package tokens {res['tokens'][:16]}, eager {eager[:16]}")
+    return {**out, **res, "same": res["tokens"] == eager}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
@@ -112,7 +130,6 @@ def main(argv=None):
     fused = int8_lm_head(pot_smollm2(float_model, path))
     fuse_projections(fused)  # q/k/v and gate/up: one packed matmul each in the graph
     library = str(build.load_op()._name)
-    max_len = args.prompt_tokens + args.new_tokens
     print(f"## Exported decode step (torch.export + AOTInductor), SmolLM2-135M, prompt {args.prompt_tokens} tokens "
           f"fed one at a time, {args.new_tokens} new tokens greedy, {args.threads} threads, torch only in the "
           "runner process\n")  # fmt: skip
@@ -125,21 +142,13 @@ def main(argv=None):
             ("PoT 4-bit default + int8 lm_head + fused projections", fused, library),
         ]
         for name, model, lib in rows[2:] if args.smoke else rows:
-            pkg, t_export, t_compile, wrapper = export_package(model, max_len, os.path.join(tmp, "step.pt2"))
-            io = json.dumps({"prompt": prompt, "new": args.new_tokens})
-            proc = subprocess.run([sys.executable, "-c", RUNNER, lib, pkg, io, str(args.threads)],
-                                  capture_output=True, text=True, timeout=1800)  # fmt: skip
-            if proc.returncode != 0:
+            res = package_rate(model, lib, prompt, args.new_tokens, args.threads, os.path.join(tmp, "step.pt2"))
+            if "error" in res:
                 failed.append(name)
-                print(f"| {name} | {t_export:.0f} | {t_compile:.0f} | runner failed: "
-                      f"{proc.stderr.strip().splitlines()[-1][:200]} | |")  # fmt: skip
+                print(f"| {name} | {res['export_s']:.0f} | {res['compile_s']:.0f} | runner failed: {res['error']} | |")
                 continue
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            eager = eager_tokens(wrapper, prompt, args.new_tokens)
-            same = res["tokens"] == eager
-            if not same:  # reported, not fatal: inductor reorders float sums, a near-tied argmax can flip
-                print(f"  package tokens {res['tokens'][:16]}, eager {eager[:16]}")
-            print(f"| {name} | {t_export:.0f} | {t_compile:.0f} | {res['rate']:.1f} | {same} |", flush=True)
+            print(f"| {name} | {res['export_s']:.0f} | {res['compile_s']:.0f} | {res['rate']:.1f} | {res['same']} |",
+                  flush=True)  # fmt: skip
     if not args.smoke:  # the yardstick, same run: llama.cpp on the GGUF the float checkpoint came from
         from cpu_e2e import llama_cpp_numbers
 

@@ -11,8 +11,10 @@ the weights' values, so random weights measure what a real 1B model would.
     python bench/synthetic_llama.py --smoke                                 # CI: a 2-layer, 256-wide model
 
 Rows: float32 ``generate``; PoT defaults (``generate``, float head); PoT with the int8 head (``lm_head="int8"``), on
-torch's threads and with split threads;
-llama.cpp Q4_0 (skipped, with the reason, when llama-cpp-python or the converter is missing or cannot run here).
+torch's threads and with split threads; the documented fast settings (int8 head + ``fuse_projections``, the decode
+step exported and compiled by AOTInductor, run by a torch-only process: ``bench/export_decode.py``; ``--no-export``
+skips it); llama.cpp Q4_0 (skipped, with the reason, when llama-cpp-python or the converter is missing or cannot
+run here).
 """
 
 import argparse
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_e2e import WIKITEXT, decode_rate, llama_cpp_numbers  # noqa: E402
+from export_decode import package_rate  # noqa: E402
 
 SHAPES = {"1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                      num_key_value_heads=8),
@@ -74,17 +77,30 @@ def to_gguf_q4_0(path: str, src: str | None, workdir: str) -> tuple[str | None, 
     return q4, f"converted to F16 and quantised to Q4_0 by llama.cpp in {time.perf_counter() - t0:.0f} s"
 
 
+def exported_row(pot, prompt: list[int], new: int, threads: int, tmp: str) -> tuple[str, float]:
+    """The fast settings' row: ``pot`` (int8 head, fused) exported + AOTInductor, run by a torch-only process."""
+    from optimum_pot.kernels.cpu import build
+
+    res = package_rate(pot, str(build.load_op()._name), prompt, new, threads, os.path.join(tmp, "step.pt2"))
+    if "error" in res:
+        raise SystemExit(f"the exported decode step did not run: {res['error']}")
+    print(f"exported in {res['export_s']:.0f} s, AOTInductor compile {res['compile_s']:.0f} s, "
+          f"tokens = eager: {res['same']}")  # fmt: skip
+    return "PoT 4-bit + int8 lm_head + fused projections (exported step, AOTInductor)", res["rate"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--llama-cpp-src", default=os.environ.get("LLAMA_CPP_SRC"), help="llama.cpp source tree")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-export", action="store_true", help="skip the exported decode-step row")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "optimum_pot"))
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_pot import PoTConfig, int8_lm_head
+    from optimum_pot import PoTConfig, fuse_projections, int8_lm_head
     from optimum_pot.kernels.cpu import set_num_threads
 
     shape = SHAPES["smoke" if args.smoke else "1b"]
@@ -112,8 +128,11 @@ def main(argv=None):
                  decode_rate(pot, prompt, new, reps, tok.eos_token_id)))  # fmt: skip
     torch.set_num_threads(args.threads)
     set_num_threads(None)
-    del pot
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_export:
+            fuse_projections(pot)  # q/k/v and gate/up: one packed matmul each
+            rows.append(exported_row(pot, prompt[0].tolist(), new, args.threads, tmp))
+        del pot
         gguf, note = to_gguf_q4_0(path, args.llama_cpp_src, tmp)
         print(note)
         if gguf is not None:

@@ -1,6 +1,7 @@
 """``PoTConfig``: the typed, validated configuration of a PoT quantisation (``quant_method="pot"``)."""
 
 import fnmatch
+import math
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -210,8 +211,9 @@ class PoTConfig(QuantizationConfigMixin):
             _check_int("refine_steps", self.refine_steps, minimum=0)
         for name, low in (("learning_rate", None), ("reg_lambda", 0.0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 if low is None else v >= low):
-                raise ValueError(f"{name} must be a number {'> 0' if low is None else '>= 0'}, got {v!r}.")
+            ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+            if not ok or not (v > 0 if low is None else v >= low):
+                raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {v!r}.")
         for name in ("act_weighted_init", "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")

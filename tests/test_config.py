@@ -31,8 +31,10 @@ from optimum_pot.hf.quantizer import PoTHfQuantizer
         ({"format_version": 3}, r"format version 3.*versions \[1, 2\].*Upgrade"),
         ({"num_samples": 0}, r"num_samples must be an integer >= 1"),
         ({"refine_steps": -1}, r"refine_steps must be an integer >= 0"),
-        ({"learning_rate": 0}, r"learning_rate must be a number > 0"),
-        ({"learning_rate": "1e-3"}, r"learning_rate must be a number > 0"),
+        ({"learning_rate": 0}, r"learning_rate must be a finite number > 0"),
+        ({"learning_rate": "1e-3"}, r"learning_rate must be a finite number > 0"),
+        ({"learning_rate": float("inf")}, r"learning_rate must be a finite number > 0"),
+        ({"reg_lambda": float("nan")}, r"reg_lambda must be a finite number >= 0"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

@@ -123,9 +123,9 @@ def test_dead_inputs_do_not_produce_nan():
     assert torch.isfinite(r.weight).all()
 
 
-@pytest.mark.parametrize("damp", [0, -0.1, "0.01", True])
+@pytest.mark.parametrize("damp", [0, -0.1, "0.01", True, float("inf"), float("nan")])
 def test_non_positive_damping_raises(damp):
-    with pytest.raises(ValueError, match="damp_percent must be a number > 0"):
+    with pytest.raises(ValueError, match="damp_percent must be a finite number > 0"):
         inverse_cholesky(torch.eye(4), damp)
     with pytest.raises(ValueError, match="damp_percent"):
         PoTConfig(damp_percent=damp)
