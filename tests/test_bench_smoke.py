@@ -11,7 +11,8 @@ from .conftest import REPO
 
 BENCHES = ["accuracy", "cpu_kernels", "int8_accuracy", "int8_accuracy --head", "int8_accuracy --prefill", "qat",
            "qat --skip-char --methods qp-cal", "gpu_kernels", "load_memory", "compile_cost",
-           "export_decode", "synthetic_llama --no-export"]  # fmt: skip  (export_decode covers the export)
+           "export_decode", "synthetic_llama --no-export"]  # fmt: skip
+# (synthetic_llama's exported row is export_decode's code, which its own smoke run covers)
 # Peers of the `bench` extra that a benchmark compares against: `make install` (the tests' set-up) leaves them out.
 PEERS = {"accuracy": ["hqq", "optimum.quanto"], "cpu_kernels": ["optimum.quanto"]}
 WITHOUT_PEERS = {"accuracy": ["--methods", "int,pot,pot-cal"]}  # its own rows still run
