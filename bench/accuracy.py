@@ -107,7 +107,8 @@ def load(path, args, **kw):
 
 def ppl(model, tok, args) -> float:
     """Test perplexity; PoT layers evaluated with ``backend="cpu"`` (fp32 throughout, like the float row), so the
-    rows measure the quantisation alone (``auto`` would prefill in bfloat16 on AMX CPUs: ±0.2 %, int8_accuracy.py)."""
+    rows measure the quantisation alone (``auto`` would prefill in bfloat16 on AMX/AVX512-BF16 CPUs: ±0.2 %,
+    int8_accuracy.py)."""
     from optimum_pot import set_backend
     from optimum_pot.nn.convert import pot_layers
     from optimum_pot.utils.perplexity import perplexity

@@ -57,7 +57,7 @@ def fp32_method(n, k):
 
 def bf16_method(n, k):
     """``F.linear`` in bfloat16 (weights and activations; the activations' cast is not timed): what a bfloat16 float
-    model computes, and the fastest dense prefill on CPUs with AMX."""
+    model computes, and the fastest dense prefill on CPUs with AMX or AVX512-BF16."""
     nxt = rotating(lambda: torch.randn(n, k, dtype=torch.bfloat16), n * k * 2)
     cast = {}
 
@@ -158,8 +158,8 @@ def check_correct() -> float:
 
 def kernel_table(shapes, ms, reps, quanto_reps, clock=time.perf_counter):
     """PoT ``cpu`` (fp32 activations) and ``cpu_int8`` (= ``auto``: int8 activations at decode rows; above
-    ``GEMM_MIN_M`` rows the GEMM path, in bfloat16 on AMX CPUs, else as ``cpu``) for several level sets, beside the
-    baselines (fp32 and bfloat16 ``F.linear``, torch int4, quanto int4); ratios side by side."""
+    ``GEMM_MIN_M`` rows the GEMM path, in bfloat16 on AMX/AVX512-BF16 CPUs, else as ``cpu``) for several level
+    sets, beside the baselines (fp32 and bfloat16 ``F.linear``, torch int4, quanto int4); ratios side by side."""
     what = "wall" if clock is time.perf_counter else "CPU (thread) time, 1 thread"
     print(f"\n## GEMV/GEMM {what}, group size {GROUP}, median of {reps} interleaved runs (ms); ratio = other / PoT, "
           f"PoT = {TWO_TERM} (the default)")  # fmt: skip

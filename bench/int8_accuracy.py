@@ -16,9 +16,9 @@ search), group 64, ``lm_head`` float (the default); the same packed model is eva
 with the float ``lm_head`` and with its int8 per-row copy, on the float model and on the default 4-bit PoT model
 (``PoTConfig()``, backend ``auto``).
 
-``--prefill`` measures the other half of ``cpu_int8``/``auto``: on CPUs with AMX their prefill GEMM (more than
-``GEMM_MIN_M`` rows) runs in bfloat16. Perplexity over 512-token windows, each one forward (every matmul takes the
-GEMM path), backend ``cpu`` vs ``cpu_int8``, same packed model.
+``--prefill`` measures the other half of ``cpu_int8``/``auto``: on CPUs with AMX or AVX512-BF16 their prefill GEMM
+(more than ``GEMM_MIN_M`` rows) runs in bfloat16. Perplexity over 512-token windows, each one forward (every matmul
+takes the GEMM path), backend ``cpu`` vs ``cpu_int8``, same packed model.
 """
 
 import argparse
@@ -83,7 +83,8 @@ def main(argv=None):
 
 
 def prefill_rows(float_model, tok, families, bits_list, args, t0):
-    """Whole-window perplexity (the prefill path) with ``cpu`` (fp32 GEMM) and ``cpu_int8`` (bfloat16 GEMM on AMX)."""
+    """Whole-window perplexity (the prefill path) with ``cpu`` (fp32 GEMM) and ``cpu_int8`` (bfloat16 GEMM on
+    AMX/AVX512-BF16 CPUs)."""
     from optimum_pot import PoTConfig, quantize, set_backend
     from optimum_pot.kernels.cpu import bf16_path
     from optimum_pot.utils.perplexity import perplexity

@@ -34,7 +34,7 @@ def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) 
 @torch.no_grad()
 def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over ``[W, T]`` windows; PoT layers computed with ``backend="cpu"`` (fp32, like the
-    float rows; ``auto`` would prefill in bfloat16 on AMX CPUs), their backends restored afterwards."""
+    float rows; ``auto`` would prefill in bfloat16 on AMX/AVX512-BF16 CPUs), their backends restored afterwards."""
     from optimum_pot.nn import PoTLinear
 
     model.eval()

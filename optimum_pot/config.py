@@ -82,8 +82,8 @@ class PoTConfig(QuantizationConfigMixin):
             rounding. `None` (the default): yes (measured better after ``"gptq"`` at 2, 3 and 4 bits).
         amp (`bool`, *optional*): run step 2's block forward/backward in bfloat16 autocast (loss, scales and
             optimiser stay float32). `None` (the default): on for blocks of 4-bit (or wider) layers where bfloat16
-            matmuls are fast (CUDA; CPUs with AMX): there it measured the same perplexity in 30 % less time, while
-            at 3 and 2 bits it cost 1-5 % perplexity (docs/calibration.md); off elsewhere.
+            matmuls are fast (CUDA; CPUs with AMX or AVX512-BF16): there it measured the same perplexity in 30 % less
+            time, while at 3 and 2 bits it cost 1-5 % perplexity (docs/calibration.md); off elsewhere.
         bit_budget (`float`, *optional*): average code bits per weight; calibration then chooses each layer's bits
             (2/3/4) from its measured sensitivity and writes them into ``module_bits``.
         lm_head (`str`, *optional*, defaults to `"float"`): with ``"int8"`` a float (not converted) output head

@@ -170,7 +170,8 @@ def test_uses_amp_follows_the_config_then_the_device_and_bits():
     for bits in (2, 3, 4):
         assert uses_amp(PoTConfig(amp=True), cpu, bits) and not uses_amp(PoTConfig(amp=False), cpu, bits)
     assert not uses_amp(PoTConfig(), torch.device("meta"), 4)  # unknown device: float32
-    fast = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    fast = any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
     assert fast_bfloat16(cpu) == fast
     assert uses_amp(PoTConfig(), cpu, AMP_MIN_BITS) == fast
     assert not uses_amp(PoTConfig(), cpu, AMP_MIN_BITS - 1)  # narrower blocks keep float32 (measured better)

@@ -81,7 +81,7 @@ def add_parser(subparsers) -> None:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="step 2 in bfloat16 autocast (default: where bfloat16 is fast: CUDA, CPUs with AMX)",
+        help="step 2 in bfloat16 autocast (default: where bfloat16 is fast: CUDA, CPUs with AMX or AVX512-BF16)",
     )
     calib.add_argument(
         "--bit-budget",

@@ -5,8 +5,8 @@ operator ``optimum_pot_cpu::linear`` (``pot_op.cpp``), so eager layers make one 
 Few activation rows (decode, ``M <= GEMM_MIN_M``): one pass over the packed weight, decoding and accumulating in
 registers, so the weight is streamed at 2-4 bits per value. Many rows (prefill): a tile of rows is decoded to fp32
 and multiplied by the BLAS GEMM. ``cpu_int8`` swaps the few-rows path for int8 activations and integer accumulation
-(``pot_i8.cpp``) and, on CPUs with AMX, runs the many-rows GEMM in bfloat16 (:func:`bf16_path`); ``auto`` does the
-same where this CPU runs it, quietly (their accuracy cost: docs/cpu_kernel.md).
+(``pot_i8.cpp``) and, on CPUs with AMX or AVX512-BF16, runs the many-rows GEMM in bfloat16 (:func:`bf16_path`);
+``auto`` does the same where this CPU runs it, quietly (their accuracy cost: docs/cpu_kernel.md).
 """
 
 import os
@@ -136,7 +136,8 @@ def _int8_auto() -> bool:
 
 @torch.compiler.assume_constant_result
 def _bf16_gemm() -> bool:
-    """Whether this CPU's bfloat16 GEMM beats fp32 (AMX): then ``cpu_int8`` and ``auto`` prefill in bfloat16."""
+    """Whether this CPU's bfloat16 GEMM beats fp32 (AMX or AVX512-BF16): then ``cpu_int8`` and ``auto`` prefill in
+    bfloat16."""
     if "bf16" not in _STATE:
         _STATE["bf16"] = fast_bfloat16("cpu")
     return _STATE["bf16"]
@@ -158,7 +159,7 @@ def _call(x, packed, scale, offset, bias, level_set, group_size, in_features, in
 
 def pot_linear_cpu(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
     """``backend="cpu"``: same contract as :func:`pot_linear_reference`; computes in fp32 and returns ``x.dtype``
-    (bfloat16 inputs with many rows on an AMX CPU: the GEMM in bfloat16, as the reference decodes it)."""
+    (bfloat16 inputs with many rows on an AMX or AVX512-BF16 CPU: the GEMM in bfloat16, as the reference decodes it)."""
     return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, False)
 
 
@@ -166,15 +167,15 @@ def pot_linear_cpu_int8(x, packed, scale, offset, bias, level_set, group_size, i
     """``backend="cpu_int8"``: like :func:`pot_linear_cpu`, but where :func:`int8_path` holds the activations are
     rounded to int8 per row and 64 columns and the levels applied as small integers with int32 accumulation.
     Results then equal the reference on ``fake_quantize_activations_int8(x)`` (~0.4 % of a block's max |x| per
-    element). Where :func:`bf16_path` holds (many rows, an AMX CPU), the GEMM multiplies bfloat16 copies of ``x``
-    and of the decoded weight (fp32 accumulation, bfloat16 result). On a CPU without AVX2 it warns once and
-    computes like ``backend="cpu"``."""
+    element). Where :func:`bf16_path` holds (many rows, an AMX or AVX512-BF16 CPU), the GEMM multiplies bfloat16
+    copies of ``x`` and of the decoded weight (fp32 accumulation, bfloat16 result). On a CPU without AVX2 it warns
+    once and computes like ``backend="cpu"``."""
     return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, _int8_requested())
 
 
 def pot_linear_cpu_auto(x, packed, scale, offset, bias, level_set, group_size, in_features) -> torch.Tensor:
-    """``backend="auto"`` on CPU: ``cpu_int8`` where this CPU runs it (int8 decode and, on AMX CPUs, bfloat16
-    prefill; their perplexity costs were measured < 1 %, bench/int8_accuracy.py), else ``cpu``; never warns."""
+    """``backend="auto"`` on CPU: ``cpu_int8`` where this CPU runs it (int8 decode and, on AMX or AVX512-BF16 CPUs,
+    bfloat16 prefill; their perplexity costs were measured < 1 %, bench/int8_accuracy.py), else ``cpu``; never warns."""
     return _call(x, packed, scale, offset, bias, level_set, group_size, in_features, _int8_auto())
 
 
@@ -194,5 +195,6 @@ def int8_path(m: int, group_size: int, level_set) -> bool:
 
 def bf16_path(m: int) -> bool:
     """Whether ``backend="cpu_int8"`` (and ``"auto"``) multiply an ``[m, K]`` input in bfloat16: prefill-sized
-    inputs (``m > GEMM_MIN_M``) on a CPU with AVX2 (the int8 backends run there) and AMX (bfloat16 GEMM 3-5x fp32)."""
+    inputs (``m > GEMM_MIN_M``) on a CPU with AVX2 (the int8 backends run there) and AMX or AVX512-BF16 (bfloat16
+    GEMM 3-5x fp32)."""
     return m > GEMM_MIN_M and _cpu_runs_int8() and _bf16_gemm()
