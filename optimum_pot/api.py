@@ -109,7 +109,7 @@ def int8_lm_head(model: nn.Module, name: str | None = None) -> nn.Module:
 def apply_serving(model: nn.Module, config) -> None:
     """The config's serving options on a loaded (and calibrated) model: the int8 head, fused projections."""
     apply_lm_head(model, config)
-    if getattr(config, "fuse_projections", False):  # configs of older checkpoints have no such field
+    if config.fuse_projections:
         from .nn.fuse import fuse_projections
 
         fuse_projections(model)

@@ -1,7 +1,6 @@
 """``PoTConfig``: the typed, validated configuration of a PoT quantisation (``quant_method="pot"``)."""
 
 import fnmatch
-import math
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -209,18 +208,17 @@ class PoTConfig(QuantizationConfigMixin):
             _check_int("grid_points", self.grid_points)
         if self.refine_steps is not None:
             _check_int("refine_steps", self.refine_steps, minimum=0)
+        from .calibration.options import check_calibration_fields, finite_number
+
         for name, low in (("learning_rate", None), ("reg_lambda", 0.0)):
             v = getattr(self, name)
-            ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
-            if not ok or not (v > 0 if low is None else v >= low):
+            if not finite_number(v) or not (v > 0 if low is None else v >= low):
                 raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {v!r}.")
         for name in ("act_weighted_init", "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"lm_head must be one of {list(LM_HEADS)} (docs/cpu_kernel.md), got {self.lm_head!r}.")
-        from .calibration.options import check_calibration_fields
-
         check_calibration_fields(self)
 
     def bits_for(self, module_name: str) -> int:

@@ -4,10 +4,11 @@ For a layer ``y = W x`` the squared output error of a perturbed weight ``W + Δ`
 ``tr(Δ H Δᵀ)`` with ``H = Σ x xᵀ`` (``[K, K]``): every quantity error-feedback rounding needs comes from it.
 """
 
-import math
 import warnings
 
 import torch
+
+from .options import finite_number
 
 # Damping tried in turn (× the configured one) when H + damp·mean(diag H)·I is still not positive definite.
 DAMP_RETRIES = (1, 10, 100, 1000)
@@ -40,8 +41,7 @@ class Hessian:
 
 def check_damping(damp_percent) -> None:
     """Raises a `ValueError` naming the fix when the damping is not a positive number."""
-    ok = isinstance(damp_percent, int | float) and not isinstance(damp_percent, bool) and 0 < damp_percent < math.inf
-    if not ok:
+    if not (finite_number(damp_percent) and damp_percent > 0):
         raise ValueError(
             f"damp_percent must be a finite number > 0 (the fraction of mean(diag H) added to H's diagonal; 0.01 is "
             f"the usual value), got {damp_percent!r}. Pass PoTConfig(damp_percent=0.01)."

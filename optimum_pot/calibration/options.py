@@ -1,5 +1,7 @@
 """Validation of the calibration fields of ``PoTConfig`` (called from ``PoTConfig.post_init``)."""
 
+import math
+
 import torch
 
 from ..utils.device import fast_bfloat16
@@ -8,8 +10,10 @@ ROUNDINGS = ("gptq", "nearest")
 GROUP_SCALES = ("static", "dynamic")
 
 
-def _number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def finite_number(v) -> bool:
+    """Whether ``v`` is a finite int or float (not a bool, a string, inf or NaN): the type check of every float
+    field of ``PoTConfig``."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_calibration_fields(cfg) -> None:
@@ -34,7 +38,7 @@ def check_calibration_fields(cfg) -> None:
         raise ValueError(f"gptq_block_size must be an integer >= 1, got {b!r}.")
     if cfg.bit_budget is not None:
         bits = get_family(cfg.levels).bits
-        if not _number(cfg.bit_budget) or not min(bits) <= cfg.bit_budget <= max(bits):
+        if not finite_number(cfg.bit_budget) or not min(bits) <= cfg.bit_budget <= max(bits):
             raise ValueError(
                 f"bit_budget must be an average number of bits between the smallest and largest widths of level set "
                 f"{cfg.levels!r} ({min(bits)} and {max(bits)}), got {cfg.bit_budget!r}; pass e.g. "

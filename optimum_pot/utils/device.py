@@ -2,6 +2,9 @@
 
 import torch
 
+# torch's private probes of the CPU's bfloat16 matmul instructions (AMX tiles, AVX512-BF16)
+CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
 
 def fast_bfloat16(device: torch.device | str) -> bool:
     """Whether ``device`` runs bfloat16 matmuls faster than float32: CUDA with bf16 support, or a CPU with AMX tiles
@@ -14,10 +17,6 @@ def fast_bfloat16(device: torch.device | str) -> bool:
     if device.type != "cpu":
         return False
     return any(_cpu_probe(name) for name in CPU_BF16_PROBES)
-
-
-# torch's private probes of the CPU's bfloat16 matmul instructions (AMX tiles, AVX512-BF16)
-CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
 
 
 def _cpu_probe(name: str) -> bool:
